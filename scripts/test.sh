@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything into .venv (if needed) and run the whole test suite.
+# Usage: bash scripts/test.sh [pytest args...]     e.g. -m "not slow"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+stepvideo_venv requirements.txt requirements-test.txt
+# pytest exits 5 when it collected nothing: that is a failure here too.
+exec python -m pytest "$@"

@@ -1,0 +1,248 @@
+"""Checkpoint folders -> lazily built networks, streamed tensor by tensor.
+
+A checkpoint is a folder with `config.json` and either one `*.safetensors` file
+or shards plus a `*.safetensors.index.json` (the layout of the published
+`transformer/` and `step_llm/` folders), bf16 or fp32 on disk.
+
+Loading is strict: the keys a network expects (optionally narrowed by a key
+filter, e.g. one pipeline stage's blocks) must all be present with the right
+shapes, and no key of the file may be left over. Everything wrong is reported
+in one `CheckpointError`. Renames exist only where the reference itself remaps
+(the VAE's `decoder.conv_out`), passed in by the caller.
+
+Memory: each tensor is read into a fresh numpy array, converted to the
+parameter's dtype and handed to the parameter without a further copy, so the
+peak is the loaded weights plus one tensor in flight.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
+
+from stepvideo.utils import safetensors_io as st
+
+log = logging.getLogger(__name__)
+
+KeyFilter = Callable[[str], bool]
+Rename = Callable[[str], str]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the network it is loaded into, or is unreadable."""
+
+
+@dataclass
+class LoadReport:
+    tensors: int
+    bytes: int  # bytes of the loaded parameters in their (compute) dtype
+    seconds: float
+
+
+def _index_files(folder: Path) -> List[Path]:
+    return sorted(folder.glob("*.safetensors.index.json"))
+
+
+def weight_map(path: os.PathLike | str) -> Dict[str, Path]:
+    """Checkpoint key -> file that holds it, for a file, a folder, or a sharded folder."""
+    path = Path(path)
+    if path.is_file():
+        with st.SafetensorsFile(path) as f:
+            return {k: path for k in f.keys()}
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    indexes = _index_files(path)
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path}: several index files {[p.name for p in indexes]}; expected one")
+    if indexes:
+        try:
+            mapping = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{indexes[0]}: not a valid index file ({e})") from None
+        files = {name: path / name for name in set(mapping.values())}
+        missing = sorted(n for n, p in files.items() if not p.is_file())
+        if missing:
+            raise CheckpointError(f"{indexes[0]} names shard(s) that do not exist: {missing}")
+        return {k: files[v] for k, v in mapping.items()}
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) != 1:
+        raise CheckpointError(
+            f"{path}: expected one *.safetensors file or an *.safetensors.index.json, found "
+            f"{[p.name for p in singles] or 'none'}")
+    return weight_map(singles[0])
+
+
+def _to_parameter_tensor(arr: np.ndarray, stored: str, dtype: ms.dtype) -> Tensor:
+    """Convert one stored tensor to `dtype` with at most one copy."""
+    if stored == st.BF16 and dtype == ms.bfloat16:
+        return Tensor.from_numpy(arr.view(ms.dtype_to_nptype(ms.bfloat16)))
+    if stored == st.BF16:
+        arr = st.bf16_bits_to_f32(arr)
+    if dtype == ms.bfloat16:
+        return Tensor.from_numpy(np.ascontiguousarray(arr, np.float32)).astype(ms.bfloat16)
+    np_dtype = ms.dtype_to_nptype(dtype)
+    return Tensor.from_numpy(np.ascontiguousarray(arr.astype(np_dtype, copy=False)))
+
+
+def named_parameters(net: nn.Cell) -> Dict[str, ms.Parameter]:
+    return {name: p for name, p in net.parameters_and_names()}
+
+
+def load_weights(net: nn.Cell, path: os.PathLike | str, *, key_filter: Optional[KeyFilter] = None,
+                 rename: Optional[Rename] = None) -> LoadReport:
+    """Stream a checkpoint into `net`, strictly.
+
+    key_filter: applied to parameter names; only the parameters it accepts are
+        expected and loaded (the others stay lazy and take no memory), and file
+        keys that map to rejected names are skipped.
+    rename: maps a file key to a parameter name (only for the reference's remaps).
+    """
+    t0 = time.perf_counter()
+    params = named_parameters(net)
+    accept = key_filter or (lambda name: True)
+    expected = {n for n in params if accept(n)}
+    files = weight_map(path)
+    rename = rename or (lambda k: k)
+
+    wanted: Dict[Path, List[Tuple[str, str]]] = {}  # file -> [(file key, param name)]
+    unexpected, seen = [], set()
+    for key, file in files.items():
+        name = rename(key)
+        if not accept(name):
+            continue
+        if name not in params:
+            unexpected.append(key)
+            continue
+        seen.add(name)
+        wanted.setdefault(file, []).append((key, name))
+    missing = sorted(expected - seen)
+
+    wrong_shape = []
+    opened: Dict[Path, st.SafetensorsFile] = {}
+    try:
+        for file, pairs in wanted.items():
+            opened[file] = st.SafetensorsFile(file)
+            for key, name in pairs:
+                if key not in opened[file].tensors:
+                    missing.append(f"{name} (listed in the index but absent from {file.name})")
+                    continue
+                shape = opened[file].tensors[key].shape
+                if tuple(shape) != tuple(params[name].shape):
+                    wrong_shape.append(f"{key}: file {list(shape)} vs parameter {list(params[name].shape)}")
+        if missing or unexpected or wrong_shape:
+            parts = []
+            if missing:
+                parts.append(f"missing keys ({len(missing)}): {missing}")
+            if unexpected:
+                parts.append(f"unexpected keys ({len(unexpected)}): {sorted(unexpected)}")
+            if wrong_shape:
+                parts.append(f"wrong shapes ({len(wrong_shape)}): {wrong_shape}")
+            raise CheckpointError(f"checkpoint {path} does not match {type(net).__name__}: " + "; ".join(parts))
+
+        total = 0
+        count = 0
+        for file, pairs in wanted.items():
+            f = opened[file]
+            for key, name in pairs:
+                param = params[name]
+                tensor = _to_parameter_tensor(f.read_raw(key), f.tensors[key].dtype, param.dtype)
+                param.set_data(tensor)
+                total += tensor.nbytes
+                count += 1
+    finally:
+        for f in opened.values():
+            f.close()
+    return LoadReport(tensors=count, bytes=total, seconds=time.perf_counter() - t0)
+
+
+def save_sharded(tensors: Mapping[str, np.ndarray], folder: os.PathLike | str, prefix: str,
+                 max_shard_bytes: int, bf16: bool = False) -> List[Path]:
+    """Write `tensors` as `<prefix>-0000k-of-0000n.safetensors` shards plus an index.
+
+    The layout and names are those of the published checkpoints (and of
+    diffusers/transformers `save_pretrained`).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: List[Dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].size * (2 if bf16 else tensors[name].dtype.itemsize)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    n = len(shards)
+    paths, mapping = [], {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"{prefix}-{i:05d}-of-{n:05d}.safetensors"
+        st.save_file(folder / fname, shard, bf16=shard.keys() if bf16 else ())
+        paths.append(folder / fname)
+        for name, arr in shard.items():
+            mapping[name] = fname
+            total += arr.size * (2 if bf16 else arr.dtype.itemsize)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return paths
+
+
+def read_config(folder: os.PathLike | str, name: str = "config.json") -> Dict:
+    path = Path(folder) / name
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: a model folder needs its {name}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def init_kwargs(cls: type, config: Mapping) -> Dict:
+    """The entries of `config` that `cls.__init__` accepts (others, like `_class_name`, are dropped)."""
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    ignored = sorted(k for k in config if k not in accepted and not k.startswith("_"))
+    if ignored:
+        log.debug("%s ignores config fields %s", cls.__name__, ignored)
+    return {k: v for k, v in config.items() if k in accepted}
+
+
+class PretrainedMixin:
+    """`from_pretrained(folder)` for networks built from a `config.json`.
+
+    The network is built lazily (no weight memory), then the folder's weights are
+    streamed in strictly. `key_filter` loads a subset (a pipeline stage).
+    """
+
+    @classmethod
+    def from_config_dict(cls, config: Mapping):
+        return cls(**init_kwargs(cls, config))
+
+    @classmethod
+    def from_pretrained(cls, folder: os.PathLike | str, *, key_filter: Optional[KeyFilter] = None, **overrides):
+        config = dict(read_config(folder))
+        config.update(overrides)
+        net = cls.from_config_dict(config)
+        report = load_weights(net, folder, key_filter=key_filter)
+        log.info("%s: loaded %d tensors (%.1f MiB) from %s in %.2fs", cls.__name__, report.tensors,
+                 report.bytes / 2**20, folder, report.seconds)
+        net.set_train(False)
+        return net
+
+
+def parameter_count(net: nn.Cell, names: Optional[Iterable[str]] = None) -> int:
+    params = named_parameters(net)
+    keys = params.keys() if names is None else names
+    return sum(int(np.prod(params[k].shape)) for k in keys)
