@@ -157,7 +157,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
     """Softmax attention in the reference's (b, s, heads, d) layout.
 
     q: (b, s_q, h, d); k, v: (b, s_k, h, d) -> (b, s_q, h, d).
-    mask: bool, True = attend, shape (b, s_q, s_k) or (b, h, s_q, s_k).
+    mask: bool, True = attend; 3-D masks broadcast to (b, s_q, s_k) (e.g. (b, 1, s_k)
+        for one mask per row), 4-D masks to (b, h, s_q, s_k).
     causal: query i sees keys j <= i (s_q == s_k).
     bias: additive float, broadcastable to (b, h, s_q, s_k), added after the scale.
     """
@@ -194,7 +195,9 @@ def _flash_attention(q, k, v, mask, causal, scale):
     drop = None
     if mask is not None:
         # FlashAttentionScore masks where the flag is True (discard), the opposite of ours.
-        drop = ops.logical_not(mask if mask.ndim == 4 else mask.expand_dims(1))
+        keep = mask if mask.ndim == 4 else mask.expand_dims(1)
+        keep = keep.broadcast_to((q.shape[0], keep.shape[1], q.shape[1], k.shape[1]))
+        drop = ops.logical_not(keep)
     if causal:
         s = q.shape[1]
         tri_drop = ops.triu(ops.ones((s, s), ms.bool_), 1)
