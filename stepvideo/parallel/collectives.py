@@ -1,0 +1,185 @@
+"""The few collectives the distributed DiT needs, behind one small interface.
+
+Two implementations, chosen by the backend:
+- `NativeCollectives` (Ascend): true all-to-all for Ulysses and point-to-point
+  send/recv for the pipeline hand-off.
+- `CpuCollectives`: MindSpore's CPU backend has no all-to-all and its `send`
+  trips over a default group bound at import time, so it uses the emulations
+  verified in ../shared/notes/mindspore-cpu.md §4.3: all-gather-then-slice for
+  Ulysses (K x memory for the gathered tensor, fine at test sizes) and a
+  broadcast inside a two-rank link group for the hand-off.
+
+Groups are created once, in one global order, by their members only (a rank
+that asks for a group it is not in dies in WaitCommInitDone on MindSpore).
+Everything is passed explicitly through a `Collectives` object: no module-level
+parallel state.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, communication, mint, ops
+from mindspore.mint import distributed as md
+
+from stepvideo import backend
+from stepvideo.parallel.mesh import Mesh
+
+_HEADER_LEN_DTYPE = ms.int32
+
+
+def init_process_group() -> Mesh:
+    """Join the job started by msrun; returns a Mesh with only rank/world filled in (degrees 1 x world)."""
+    # communication.init picks the backend of the device (hccl on Ascend, mccl on CPU);
+    # mint.distributed.init_process_group only accepts hccl.
+    communication.init()
+    world, rank = communication.get_group_size(), communication.get_rank()
+    return Mesh(rank=rank, world_size=world, ulysses_degree=1, pp_degree=world)
+
+
+class Collectives:
+    """Communication for one rank of a `Mesh`. Subclasses provide the device-specific transport."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.sp_group: Optional[str] = None
+        self.link_groups: Dict[int, str] = {}  # peer rank -> group name
+        for ranks in mesh.sp_groups():
+            if mesh.ulysses_degree > 1 and mesh.rank in ranks:
+                self.sp_group = self._new_group(ranks)
+        if self._needs_link_groups():
+            for ranks in mesh.link_groups():
+                if mesh.rank in ranks:
+                    peer = ranks[1] if ranks[0] == mesh.rank else ranks[0]
+                    self.link_groups[peer] = self._new_group(ranks)
+
+    @staticmethod
+    def _new_group(ranks: List[int]) -> str:
+        return md.new_group(ranks)
+
+    def _needs_link_groups(self) -> bool:
+        return False
+
+    # ----- sequence parallel (inside this rank's stage)
+
+    def sp_all_gather(self, x: Tensor, dim: int) -> Tensor:
+        """Concatenate the SP group's tensors along `dim`, in SP order."""
+        if self.mesh.ulysses_degree == 1:
+            return x
+        parts = [ops.zeros_like(x) for _ in range(self.mesh.ulysses_degree)]
+        md.all_gather(parts, x.contiguous(), group=self.sp_group)
+        return mint.cat(parts, dim=dim)
+
+    def sp_all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
+        """Split `x` along scatter_dim across the SP group and concatenate what arrives along gather_dim."""
+        raise NotImplementedError
+
+    # ----- pipeline hand-off (to the same SP position of the next/previous stage)
+
+    def send(self, tensors: Dict[str, Tensor], dst: int) -> None:
+        raise NotImplementedError
+
+    def recv(self, src: int) -> Dict[str, Tensor]:
+        raise NotImplementedError
+
+    # ----- whole job
+
+    def broadcast(self, tensors: Optional[Dict[str, Tensor]], src: int) -> Dict[str, Tensor]:
+        """Every rank gets `src`'s tensors (others pass None)."""
+        return self._broadcast_dict(tensors, src, group=None)
+
+    def barrier(self) -> None:
+        md.barrier()
+
+    # ----- helpers: a dict of tensors travels as a JSON header (names, dtypes, shapes) + payloads
+
+    def _broadcast_dict(self, tensors, src, group):
+        is_src = self.mesh.rank == src
+        header = _encode_header(tensors) if is_src else None
+        length = Tensor(np.array([len(header) if is_src else 0], np.int32))
+        md.broadcast(length, src, group=group)
+        raw = Tensor(np.frombuffer(header, np.uint8).astype(np.int32)) if is_src else \
+            ops.zeros((int(length.asnumpy()[0]),), ms.int32)
+        md.broadcast(raw, src, group=group)
+        spec = json.loads(bytes(raw.asnumpy().astype(np.uint8)).decode())
+        out = {}
+        for name, dtype, shape in spec:
+            buf = tensors[name].contiguous() if is_src else _empty(shape, dtype)
+            md.broadcast(buf, src, group=group)
+            out[name] = buf
+        return out
+
+
+def _encode_header(tensors: Dict[str, Tensor]) -> bytes:
+    return json.dumps([[k, str(v.dtype), list(v.shape)] for k, v in tensors.items()]).encode()
+
+
+_DTYPES = {str(d): d for d in (ms.float32, ms.float16, ms.bfloat16, ms.int64, ms.int32, ms.uint8, ms.bool_)}
+
+
+def _empty(shape, dtype_name: str) -> Tensor:
+    if dtype_name not in _DTYPES:
+        raise TypeError(f"cannot transfer a tensor of dtype {dtype_name}; supported: {sorted(_DTYPES)}")
+    dtype = _DTYPES[dtype_name]
+    # bf16 buffers are made as fp32 zeros and cast: no bf16 `zeros` kernel on CPU
+    return ops.zeros(tuple(shape), ms.float32).astype(dtype)
+
+
+class CpuCollectives(Collectives):
+    """Emulations that use only the collectives MindSpore has on CPU."""
+
+    def _needs_link_groups(self) -> bool:
+        return self.mesh.pp_degree > 1
+
+    def sp_all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
+        u = self.mesh.ulysses_degree
+        if u == 1:
+            return x
+        gathered = [ops.zeros_like(x) for _ in range(u)]
+        md.all_gather(gathered, x.contiguous(), group=self.sp_group)
+        mine = [mint.chunk(part, u, dim=scatter_dim)[self.mesh.sp_rank] for part in gathered]
+        return mint.cat(mine, dim=gather_dim)
+
+    def send(self, tensors: Dict[str, Tensor], dst: int) -> None:
+        self._broadcast_dict(tensors, self.mesh.rank, group=self.link_groups[dst])
+
+    def recv(self, src: int) -> Dict[str, Tensor]:
+        return self._broadcast_dict(None, src, group=self.link_groups[src])
+
+
+class NativeCollectives(Collectives):
+    """Ascend: HCCL all-to-all and point-to-point transfers."""
+
+    def sp_all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
+        u = self.mesh.ulysses_degree
+        if u == 1:
+            return x
+        inputs = [part.contiguous() for part in mint.chunk(x, u, dim=scatter_dim)]
+        outputs = [ops.zeros_like(inputs[0]) for _ in range(u)]
+        md.all_to_all(outputs, inputs, group=self.sp_group)
+        return mint.cat(outputs, dim=gather_dim)
+
+    def send(self, tensors: Dict[str, Tensor], dst: int) -> None:
+        header = _encode_header(tensors)
+        md.send(Tensor(np.array([len(header)], np.int32)), dst)
+        md.send(Tensor(np.frombuffer(header, np.uint8).astype(np.int32)), dst)
+        for value in tensors.values():
+            md.send(value.contiguous(), dst)
+
+    def recv(self, src: int) -> Dict[str, Tensor]:
+        length = Tensor(np.zeros(1, np.int32))
+        md.recv(length, src)
+        raw = Tensor(np.zeros(int(length.asnumpy()[0]), np.int32))
+        md.recv(raw, src)
+        out = {}
+        for name, dtype, shape in json.loads(bytes(raw.asnumpy().astype(np.uint8)).decode()):
+            buf = _empty(shape, dtype)
+            md.recv(buf, src)
+            out[name] = buf
+        return out
+
+
+def make_collectives(mesh: Mesh) -> Collectives:
+    return NativeCollectives(mesh) if backend.on_ascend() else CpuCollectives(mesh)
