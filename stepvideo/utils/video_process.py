@@ -1,0 +1,125 @@
+"""Decoded video -> uint8 frames -> mp4, as the original post-processes it.
+
+Faithful parts: clamp to [-1, 1], (x + 1) * 127.5, truncate to uint8, the batch
+stacked along the height, a centre crop to the 540p standard (540x960 landscape,
+960x540 portrait), 25 fps libx264 with the original's `atadenoise` filter.
+
+Deliberate differences (documented for users):
+- the crop only applies when the frame is at least as large as the standard
+  (the original sliced with negative indices on smaller frames);
+- the file is written to a temporary name and renamed, so a crash never leaves
+  a half-written mp4 under the final name;
+- the name derived from the prompt is sanitised (no path separators or control
+  characters, bounded length) and made unique, instead of embedding the
+  prompt and a timestamp with spaces and colons verbatim.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import unicodedata
+from pathlib import Path
+import numpy as np
+
+FPS = 25
+CODEC = "libx264"
+# The original's temporal denoise filter.
+FFMPEG_PARAMS = ["-vf", "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"]
+STANDARD_540P = (540, 960)  # (short side, long side)
+MAX_NAME_CHARS = 50
+
+
+def to_uint8_frames(video: np.ndarray) -> np.ndarray:
+    """(b, frames, 3, H, W) floats in about [-1, 1] -> (frames, b*H, W, 3) uint8.
+
+    The videos of a batch are stacked along the height, as the original does.
+    """
+    if video.ndim != 5 or video.shape[2] != 3:
+        raise ValueError(f"video must be (b, frames, 3, H, W), got shape {video.shape}")
+    x = (np.clip(video.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5
+    x = np.clip(x, 0, 255).astype(np.uint8)  # truncation, like torch's .to(uint8)
+    x = np.concatenate(list(x), axis=-2)  # (frames, 3, b*H, W)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def crop_to_540p(frames: np.ndarray) -> np.ndarray:
+    """Centre crop (frames, H, W, 3) to 540x960 (landscape) or 960x540 (portrait) when large enough."""
+    _, h, w, _ = frames.shape
+    short, long = STANDARD_540P
+    if w > h:
+        ch, cw = short, long
+    elif h > w:
+        ch, cw = long, short
+    else:
+        return frames
+    if h < ch or w < cw:
+        return frames
+    top, left = h // 2 - ch // 2, w // 2 - cw // 2
+    return frames[:, top:top + ch, left:left + cw]
+
+
+def safe_stem(text: str, max_chars: int = MAX_NAME_CHARS) -> str:
+    """A file-name stem from free text: no separators, control or reserved characters."""
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(ch if (ch.isalnum() or ch in "-_ ") else " " for ch in text)
+    text = re.sub(r"\s+", "_", text.strip())[:max_chars].strip("._-")
+    return text or "video"
+
+
+def write_mp4(frames: np.ndarray, path: os.PathLike | str, fps: int = FPS) -> Path:
+    """Write uint8 frames (n, H, W, 3) atomically: temporary file in the same folder, then rename."""
+    import imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        with imageio.get_writer(tmp, fps=fps, codec=CODEC, ffmpeg_params=FFMPEG_PARAMS,
+                                macro_block_size=1) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+class VideoProcessor:
+    """Post-processing and saving, with the original's constructor arguments."""
+
+    def __init__(self, save_path: str = "./results", name_suffix: str = ""):
+        self.save_path = Path(save_path)
+        self.name_suffix = name_suffix
+
+    def output_path(self, output_file_name: str, output_type: str = "mp4") -> Path:
+        stem = safe_stem(output_file_name)
+        suffix = safe_stem(self.name_suffix) if self.name_suffix else \
+            datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        candidate = self.save_path / f"{stem}-{suffix}.{output_type}"
+        n = 1
+        while candidate.exists():
+            candidate = self.save_path / f"{stem}-{suffix}-{n}.{output_type}"
+            n += 1
+        return candidate
+
+    def postprocess_video(self, video: np.ndarray, output_file_name: str = "", output_type: str = "mp4",
+                          crop2standard540p: bool = True) -> Path:
+        frames = to_uint8_frames(video)
+        if crop2standard540p:
+            frames = crop_to_540p(frames)
+        path = write_mp4(frames, self.output_path(output_file_name, output_type))
+        print(f"Saved the generated video in {path}", flush=True)
+        return path
+
+
+def read_mp4(path: os.PathLike | str) -> tuple[np.ndarray, float]:
+    """Frames (n, H, W, 3) uint8 and fps of an mp4 (used by tests and the demo check)."""
+    import imageio
+
+    with imageio.get_reader(path) as reader:
+        fps = float(reader.get_meta_data()["fps"])
+        frames = np.stack([f for f in reader])
+    return frames, fps
+
