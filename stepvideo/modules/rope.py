@@ -1,0 +1,102 @@
+"""3-D rotary position embedding of the DiT self-attention.
+
+Each video token has an integer position (frame, row, col). The head dimension
+is cut into consecutive chunks (`ch_split`, [64, 32, 32] in the DiT); chunk 0 is
+rotated by the frame index, chunk 1 by the row, chunk 2 by the column. Inside a
+chunk of size D, channel i pairs with channel i + D/2 ("rotate half"):
+
+    angle_i   = pos * freq^(-2i/D),                    i < D/2
+    out_i     = x_i cos(angle_i) - x_{i+D/2} sin(angle_i)
+    out_{i+D/2} = x_{i+D/2} cos(angle_i) + x_i sin(angle_i)
+
+Token n of an (f, h, w) grid sits at (n // (h*w), (n // w) % h, n % w), i.e. the
+tokens are frame-major, then row-major inside a frame.
+
+The positions travel as an explicit integer grid (n, 3) so that a sequence-
+parallel caller can slice tokens and grid alike; `__call__(tokens, [f, h, w])`
+is the original's convenience form.
+
+Differences from the original, all without changing numbers in fp32:
+- No position cache keyed by (f, h, w): the original cached the grid already
+  expanded to the first caller's batch size, so a later call with another batch
+  size (2 for CFG, then 1) failed. Nothing here depends on the batch size.
+- The angles are computed directly from the positions in fp32 and only cos/sin
+  are cast to the tokens' dtype. (The original built a table of angles and cast
+  the *angles* to the tokens' dtype before cos/sin; in fp32 that is the same
+  number, in bf16 it would round angles of tens of radians to ~0.25 rad.)
+- `F0` and `scaling_factor` are kept for signature compatibility; the original
+  stores them and never uses them, and so does this class.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+
+
+class RoPE3D:
+    def __init__(self, freq: float = 1e4, F0: float = 1.0, scaling_factor: float = 1.0):
+        self.base = freq
+        self.F0 = F0
+        self.scaling_factor = scaling_factor
+        self._inv_freq: Dict[int, Tensor] = {}  # chunk size D -> (D/2,) fp32
+
+    @staticmethod
+    def position_grid(frames: int, height: int, width: int) -> Tensor:
+        """(frames*height*width, 3) int32 positions (frame, row, col), frame-major token order."""
+        f, h, w = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
+        grid = np.stack([f.reshape(-1), h.reshape(-1), w.reshape(-1)], axis=-1).astype(np.int32)
+        return Tensor.from_numpy(grid)
+
+    def inv_freq(self, dim: int) -> Tensor:
+        """freq^(-2i/dim) for i < dim/2, in fp32 as the original computes it."""
+        if dim not in self._inv_freq:
+            exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+            inv = (1.0 / np.power(np.float32(self.base), exponents, dtype=np.float32)).astype(np.float32)
+            self._inv_freq[dim] = Tensor.from_numpy(inv)
+        return self._inv_freq[dim]
+
+    def cos_sin(self, positions: Tensor, dim: int, dtype: ms.dtype) -> Tuple[Tensor, Tensor]:
+        """positions (...,) integers -> cos, sin of shape (..., dim), halves repeated (rotate-half layout)."""
+        angles = positions.astype(ms.float32).expand_dims(-1) * self.inv_freq(dim)  # (..., dim/2)
+        angles = ops.cat((angles, angles), -1)
+        return ops.cos(angles).astype(dtype), ops.sin(angles).astype(dtype)
+
+    @staticmethod
+    def rotate_half(x: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        return ops.cat((-x[..., half:], x[..., :half]), -1)
+
+    def apply(self, tokens: Tensor, grid: Tensor, ch_split: Sequence[int]) -> Tensor:
+        """Rotate `tokens` (b, n, heads, d) by the positions `grid` (n, 3), (1, n, 3) or (b, n, 3)."""
+        if sum(ch_split) != tokens.shape[-1]:
+            raise ValueError(f"ch_split {list(ch_split)} sums to {sum(ch_split)}; expected the head dim "
+                             f"{tokens.shape[-1]} of tokens {tuple(tokens.shape)}")
+        if len(ch_split) != 3 or any(d % 2 for d in ch_split):
+            raise ValueError(f"ch_split {list(ch_split)}: expected three even chunk sizes (frame, row, col)")
+        if grid.ndim not in (2, 3) or grid.shape[-1] != 3 or grid.shape[-2] != tokens.shape[1]:
+            raise ValueError(f"grid: expected ({tokens.shape[1]}, 3) or (b, {tokens.shape[1]}, 3) positions for "
+                             f"tokens {tuple(tokens.shape)}, got {tuple(grid.shape)}")
+        if grid.ndim == 2:
+            grid = grid.expand_dims(0)
+        out = []
+        start = 0
+        for axis, dim in enumerate(ch_split):
+            x = tokens[..., start:start + dim]
+            cos, sin = self.cos_sin(grid[..., axis], dim, tokens.dtype)  # (1|b, n, dim)
+            cos, sin = cos.expand_dims(2), sin.expand_dims(2)  # broadcast over heads
+            out.append(x * cos + self.rotate_half(x) * sin)
+            start += dim
+        return ops.cat(out, -1)
+
+    def __call__(self, tokens: Tensor, rope_positions: Sequence[int], ch_split: Sequence[int]) -> Tensor:
+        """tokens (b, f*h*w, heads, d) with rope_positions = [f, h, w] -> rotated tokens, same shape."""
+        if len(rope_positions) != 3:
+            raise ValueError(f"rope_positions: expected [f, h, w], got {rope_positions}")
+        f, h, w = (int(v) for v in rope_positions)
+        if f * h * w != tokens.shape[1]:
+            raise ValueError(f"rope_positions {[f, h, w]} give {f * h * w} positions but tokens "
+                             f"{tuple(tokens.shape)} have {tokens.shape[1]}")
+        return self.apply(tokens, self.position_grid(f, h, w), ch_split)
