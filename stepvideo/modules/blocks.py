@@ -10,6 +10,10 @@ Layouts that the checkpoint fixes (and the golden fixtures check):
 - `ff.net` is [GELU-tanh projection, Identity, Linear], so the checkpoint keys
   are `ff.net.0.proj.weight` and `ff.net.2.weight`.
 
+`.contiguous()` before a reshape that needs a copy: in MindSpore 2.7 (CPU,
+pynative) reshaping a non-contiguous view (a transpose, a slice) into a shape
+that cannot be a view corrupts the heap (glibc aborts the process at exit).
+
 Sequence parallelism is applied from outside: `SelfAttention.core_attention`
 is an attribute (default: the backend's full softmax attention) that a wrapper
 can replace per block, and every per-token input (tokens, RoPE grid, cross-
@@ -64,7 +68,7 @@ class SelfAttention(nn.Cell):
                 raise ValueError("rope_grid: SelfAttention with RoPE needs the (n, 3) token positions")
             xq = self.rope_3d.apply(xq, rope_grid, self.rope_ch_split)
             xk = self.rope_3d.apply(xk, rope_grid, self.rope_ch_split)
-        out = self.core_attention(xq, xk, xv)
+        out = self.core_attention(xq, xk, xv).contiguous()  # a replaced kernel may return a view
         return self.wo(out.reshape(x.shape[0], out.shape[1], -1))
 
 
@@ -93,7 +97,7 @@ class CrossAttention(nn.Cell):
         if self.with_qk_norm:
             xq = self.q_norm(xq)
             xk = self.k_norm(xk)
-        out = backend.attention(xq, xk, xv, mask=attn_mask)
+        out = backend.attention(xq, xk, xv, mask=attn_mask).contiguous()
         return self.wo(out.reshape(b, n, -1))
 
 
@@ -170,4 +174,4 @@ class PatchEmbed(nn.Cell):
 
     def construct(self, latent: Tensor) -> Tensor:
         x = self.proj(latent)  # (n, D, h/p, w/p)
-        return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
+        return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1).contiguous()

@@ -38,7 +38,7 @@ Differences from the original, none of which changes a number:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import mindspore as ms
 import numpy as np
@@ -232,7 +232,8 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         shift, scale = ops.split(self.scale_shift_table.expand_dims(0) + embedded_timestep.expand_dims(1), 1, axis=1)
         x = self.norm_out(hidden_states) * (1 + scale) + shift
         x = self.proj_out(x)  # (b, f*h*w, p*p*c)
-        x = x.reshape(b, frames, height, width, p, p, c).transpose(0, 1, 6, 2, 4, 3, 5)
+        # (contiguous before the final reshape: see the note on views in blocks.py)
+        x = x.reshape(b, frames, height, width, p, p, c).transpose(0, 1, 6, 2, 4, 3, 5).contiguous()
         return x.reshape(b, frames, c, height * p, width * p)
 
     # ----------------------------------------------------------------------- full forward

@@ -24,6 +24,9 @@ Differences from the original, all without changing numbers in fp32:
   are cast to the tokens' dtype. (The original built a table of angles and cast
   the *angles* to the tokens' dtype before cos/sin; in fp32 that is the same
   number, in bf16 it would round angles of tens of radians to ~0.25 rad.)
+- The original's `parallel` flag (slice the grid by the sequence-parallel rank
+  inside RoPE) is replaced by `apply(tokens, grid_slice, ch_split)`: the caller
+  slices the grid together with the tokens.
 - `F0` and `scaling_factor` are kept for signature compatibility; the original
   stores them and never uses them, and so does this class.
 """

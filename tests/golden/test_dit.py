@@ -10,6 +10,7 @@ import pytest
 from mindspore import ops
 
 from dit_fixtures import call_kwargs, transformer_folder
+from stepvideo import backend
 from stepvideo.checkpoint import save_sharded
 from stepvideo.modules.model import StepVideoModel
 from support import assert_parity, cases, golden, load
@@ -120,8 +121,6 @@ def test_dit_sequence_sliced_blocks_match(model, fixtures):
     The exchange is emulated in one process with two passes: the first records every slice's (k, v),
     the second attends each slice's queries over all of them.
     """
-    from stepvideo import backend
-
     inputs, outputs = fixtures
     case = "c1"
     e = model.embed(**call_kwargs(inputs, case))
@@ -130,19 +129,32 @@ def test_dit_sequence_sliced_blocks_match(model, fixtures):
     x = [e.hidden_states[:, s] for s in slices]
     for i, block in enumerate(model.transformer_blocks):
         keys, values = {}, {}
-        outs = []
-        for rank, s in enumerate(slices):
-            def record(q, k, v, rank=rank):
-                keys[rank], values[rank] = k, v
-                return q
+
+        def record(q, k, v):
+            keys[len(keys)], values[len(values)] = k, v
+            return q  # placeholder output; this pass only collects (k, v)
+
+        def attend_all(q, k, v):
+            return backend.attention(q, ops.cat(list(keys.values()), 1), ops.cat(list(values.values()), 1))
+
+        try:
             block.attn1.core_attention = record
-            block(x[rank], e.encoder_hidden_states, e.timestep, e.attn_mask, e.rope_grid[s])
-        all_k = ops.cat([keys[r] for r in range(len(slices))], 1)
-        all_v = ops.cat([values[r] for r in range(len(slices))], 1)
-        block.attn1.core_attention = lambda q, k, v: backend.attention(q, all_k, all_v)
-        for rank, s in enumerate(slices):
-            outs.append(block(x[rank], e.encoder_hidden_states, e.timestep, e.attn_mask, e.rope_grid[s]))
-        block.attn1.core_attention = backend.attention
-        x = outs
-        joined = np.concatenate([o.asnumpy() for o in x], axis=1)
+            for rank, s in enumerate(slices):
+                block(x[rank], e.encoder_hidden_states, e.timestep, e.attn_mask, e.rope_grid[s])
+            block.attn1.core_attention = attend_all
+            x = [block(x[rank], e.encoder_hidden_states, e.timestep, e.attn_mask, e.rope_grid[s])
+                 for rank, s in enumerate(slices)]
+        finally:
+            block.attn1.core_attention = backend.attention
+        joined = np.concatenate([part.asnumpy() for part in x], axis=1)
         assert_parity(joined, outputs[f"{case}.block_{i}_out"], f"{case}.block_{i}_out (sequence slices)")
+
+
+def test_dit_per_query_mask_rows_equal_the_broadcast_mask(model, fixtures):
+    """The cross-attention mask may also come materialised as (b, n, L_kv), as the original built it."""
+    inputs, outputs = fixtures
+    case = "c2"
+    e = model.embed(**call_kwargs(inputs, case))
+    full_mask = ops.broadcast_to(e.attn_mask, outputs[f"{case}.cross_attn_mask"].shape)
+    x = model.block_forward(e.hidden_states, e.encoder_hidden_states, e.timestep, e.rope_grid, full_mask)
+    assert_parity(x, outputs[f"{case}.block_1_out"], f"{case}.block_1_out with a (b, n, L_kv) mask")
