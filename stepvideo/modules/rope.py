@@ -20,15 +20,16 @@ Differences from the original, all without changing numbers in fp32:
 - No position cache keyed by (f, h, w): the original cached the grid already
   expanded to the first caller's batch size, so a later call with another batch
   size (2 for CFG, then 1) failed. Nothing here depends on the batch size.
-- The angles are computed directly from the positions in fp32 and only cos/sin
-  are cast to the tokens' dtype. (The original built a table of angles and cast
-  the *angles* to the tokens' dtype before cos/sin; in fp32 that is the same
-  number, in bf16 it would round angles of tens of radians to ~0.25 rad.)
 - The original's `parallel` flag (slice the grid by the sequence-parallel rank
   inside RoPE) is replaced by `apply(tokens, grid_slice, ch_split)`: the caller
   slices the grid together with the tokens.
 - `F0` and `scaling_factor` are kept for signature compatibility; the original
   stores them and never uses them, and so does this class.
+
+Kept on purpose: the angles are computed in fp32 and then cast to the tokens'
+dtype *before* cos/sin, as the original does. In fp32 this is exact; in bf16
+(Ascend) it rounds angles of tens of radians to steps of ~0.25 rad, which is
+what the published model was run with, so we reproduce it rather than "fix" it.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ class RoPE3D:
     def cos_sin(self, positions: Tensor, dim: int, dtype: ms.dtype) -> Tuple[Tensor, Tensor]:
         """positions (...,) integers -> cos, sin of shape (..., dim), halves repeated (rotate-half layout)."""
         angles = positions.astype(ms.float32).expand_dims(-1) * self.inv_freq(dim)  # (..., dim/2)
-        angles = ops.cat((angles, angles), -1)
-        return ops.cos(angles).astype(dtype), ops.sin(angles).astype(dtype)
+        angles = ops.cat((angles, angles), -1).astype(dtype)
+        return ops.cos(angles), ops.sin(angles)
 
     @staticmethod
     def rotate_half(x: Tensor) -> Tensor:
