@@ -1,0 +1,630 @@
+"""PyTorch checkpoint files (what `torch.save` writes), read and written without torch.
+
+Why: the HunyuanCLIP text encoder ships as `pytorch_model.bin`, and the tiny demo
+checkpoint must contain one too. Unpickling such a file with plain `pickle` (or
+torch.load without weights_only) runs whatever callables the file names, so a
+checkpoint from an untrusted source can execute code. Here every pickle goes
+through `RestrictedTorchUnpickler`, whose `find_class` hands out only our own
+stand-ins for the few names a state dict needs (the tensor rebuild functions,
+typed storage classes, `OrderedDict`); any other global is refused by name and
+never imported or called.
+
+Two on-disk layouts exist:
+
+* zip (default since torch 1.6): an uncompressed zip archive whose members live
+  under one folder `<archive>/`: `data.pkl` (the object pickle, protocol 2),
+  `data/<key>` (raw bytes of each storage), `byteorder`, `version` and a few
+  bookkeeping records. Each member's data starts 64-byte aligned.
+* legacy: five concatenated pickles -- magic number, protocol version, system
+  info, the object, the sorted list of storage keys -- followed, per key, by the
+  storage's element count (int64) and its raw bytes.
+
+In both, a tensor is pickled as `torch._utils._rebuild_tensor_v2(storage,
+storage_offset, size, stride, requires_grad, backward_hooks)` where `storage` is
+a persistent id naming a storage by key. Tensors are therefore (storage,
+offset, shape, stride) views: several may share one storage, start at an
+offset into it, or be non-contiguous; `TensorRef.read` materialises exactly the
+elements the view addresses.
+
+bfloat16 has no numpy dtype: it travels as uint16 bit patterns, as in
+`stepvideo.utils.safetensors_io`.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from stepvideo.utils.safetensors_io import f32_to_bf16_bits
+
+# First pickle of a legacy file, and the protocol version that follows it.
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+
+# torch storage class name -> element dtype name; numpy dtype of one element.
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+_NUMPY_DTYPES = {
+    "float64": np.dtype("<f8"),
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),  # bit patterns
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "int16": np.dtype("<i2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+_STORAGE_CLASS_OF = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}
+
+# What `torch.save` writes into every zip archive besides the pickle and storages.
+ZIP_ALIGNMENT = 64
+ZIP_FORMAT_VERSION = b"1"
+ZIP_RECORD_VERSION = b"3\n"
+
+
+class TorchFormatError(ValueError):
+    """A file is not a readable PyTorch checkpoint (wrong format, truncated, inconsistent)."""
+
+
+class UnsafeCheckpointError(TorchFormatError):
+    """A checkpoint's pickle names a global outside the tensor/state-dict allow list."""
+
+
+# --------------------------------------------------------------------------- stand-ins
+# Objects the restricted unpickler hands out instead of torch's; frozen and slotted
+# so a pickle cannot mutate them with BUILD.
+
+
+@dataclass(frozen=True, slots=True)
+class StorageType:
+    """Stand-in for a typed storage class such as `torch.FloatStorage`."""
+
+    name: str
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class StorageRef:
+    """A storage named by a persistent id: `numel` elements of `dtype` under `key`."""
+
+    key: str
+    dtype: str
+    numel: int
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """A tensor as a strided view into a storage; element strides, element offset."""
+
+    storage: StorageRef
+    offset: int
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.storage.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _NUMPY_DTYPES[self.dtype].itemsize
+
+
+def _int_tuple(value, what: str) -> Tuple[int, ...]:
+    if not isinstance(value, tuple) or not all(type(v) is int for v in value):
+        raise TorchFormatError(f"tensor {what} must be a tuple of ints, got {value!r}")
+    return value
+
+
+def _tensor_ref(storage, storage_offset, size, stride) -> TensorRef:
+    """Validate a (storage, offset, size, stride) view so reading it stays inside the storage."""
+    if not isinstance(storage, StorageRef):
+        raise TorchFormatError(f"tensor storage must come from a persistent id, got {type(storage).__name__}")
+    if type(storage_offset) is not int or storage_offset < 0:
+        raise TorchFormatError(f"tensor storage offset must be a non-negative int, got {storage_offset!r}")
+    shape, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+    if len(shape) != len(stride) or any(d < 0 for d in shape) or any(s < 0 for s in stride):
+        raise TorchFormatError(f"tensor has invalid size {shape} / stride {stride}")
+    if all(d > 0 for d in shape):
+        last = storage_offset + sum((d - 1) * s for d, s in zip(shape, stride))
+        if last >= storage.numel:
+            raise TorchFormatError(
+                f"tensor view (offset {storage_offset}, size {shape}, stride {stride}) reaches element "
+                f"{last} of storage {storage.key!r}, which has {storage.numel} elements")
+    return TensorRef(storage, storage_offset, shape, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None) -> TensorRef:
+    """Our `torch._utils._rebuild_tensor_v2`: autograd flags, hooks and metadata do not matter here."""
+    return _tensor_ref(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride) -> TensorRef:
+    """Our `torch._utils._rebuild_tensor` (pickles of torch < 1.0)."""
+    return _tensor_ref(storage, storage_offset, size, stride)
+
+
+_ALLOWED_GLOBALS: Dict[Tuple[str, str], object] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", name): StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
+}
+
+
+class RestrictedTorchUnpickler(pickle.Unpickler):
+    """Unpickles a checkpoint's state dict while refusing every global outside the allow list.
+
+    `resolve_storage` turns a persistent id (the tuple after `'storage'`) into a
+    `StorageRef`; without it, persistent ids are refused (the legacy header pickles).
+    """
+
+    def __init__(self, file: BinaryIO, resolve_storage: Optional[Callable[[tuple], StorageRef]] = None):
+        super().__init__(file)
+        self._resolve_storage = resolve_storage
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"refusing to unpickle global '{module}.{name}': a weights checkpoint may only reference "
+                "torch tensor rebuild functions, typed storages and collections.OrderedDict") from None
+
+    def persistent_load(self, pid):
+        if self._resolve_storage is None:
+            raise TorchFormatError(f"unexpected persistent id {pid!r} outside the object pickle")
+        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
+            raise TorchFormatError(f"unsupported persistent id {pid!r}; expected ('storage', ...)")
+        return self._resolve_storage(pid[1:])
+
+
+def _unpickle(fh: BinaryIO, what: str, resolve_storage=None):
+    try:
+        return RestrictedTorchUnpickler(fh, resolve_storage).load()
+    except TorchFormatError as e:
+        raise type(e)(f"{what}: {e}") from None
+    except Exception as e:  # a damaged or hostile pickle can fail in any of the unpickler's ways
+        raise TorchFormatError(f"{what} is not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+class _StorageTable:
+    """Storages met while unpickling, checked for consistent dtype and size per key."""
+
+    def __init__(self, with_view_metadata: bool):
+        self.storages: Dict[str, StorageRef] = {}
+        self._fields = 5 if with_view_metadata else 4
+
+    def resolve(self, fields: tuple) -> StorageRef:
+        if len(fields) != self._fields:
+            raise TorchFormatError(f"storage persistent id has {len(fields) + 1} fields, "
+                                   f"expected {self._fields + 1}: {('storage',) + fields!r}")
+        storage_type, key, location, numel = fields[:4]
+        if not isinstance(storage_type, StorageType):
+            raise TorchFormatError(f"storage {key!r}: type {storage_type!r} is not a typed storage class")
+        if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
+            raise TorchFormatError(f"malformed storage persistent id {('storage',) + fields!r}")
+        if self._fields == 5 and fields[4] is not None:
+            raise TorchFormatError(f"storage {key!r} is a storage view (pre-1.0 torch), which is not supported")
+        ref = StorageRef(key, storage_type.dtype, numel)
+        known = self.storages.setdefault(key, ref)
+        if known != ref:
+            raise TorchFormatError(f"storage {key!r} is referenced as {known} and as {ref}")
+        return known
+
+
+def _state_dict(obj, source: str) -> Dict[str, TensorRef]:
+    if not isinstance(obj, dict):
+        raise TorchFormatError(f"{source}: holds a {type(obj).__name__}, expected a state dict (name -> tensor)")
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, TensorRef):
+            raise TorchFormatError(
+                f"{source}: entry {name!r} is a {type(value).__name__}, expected a tensor in a flat state dict")
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class TorchCheckpoint:
+    """A `torch.save`d state dict opened for reading, tensor by tensor.
+
+    `tensors` maps names (in file order) to `TensorRef`s: dtype and shape are known
+    before any data is read. `read(name)` returns a fresh C-contiguous array in
+    native byte order (bfloat16 as uint16 bits).
+    """
+
+    def __init__(self, path: os.PathLike | str):
+        self.path = os.fspath(path)
+        self._zip: Optional[zipfile.ZipFile] = None
+        self._file: Optional[BinaryIO] = None
+        self._storage_members: Dict[str, str] = {}  # zip: storage key -> member name
+        self._storage_offsets: Dict[str, int] = {}  # legacy: storage key -> byte offset of its data
+        self._big_endian = False
+        with open(self.path, "rb") as fh:
+            head = fh.read(4)
+        try:
+            if head == b"PK\x03\x04":
+                self.format = "zip"
+                self.tensors = self._open_zip()
+            else:
+                self.format = "legacy"
+                self.tensors = self._open_legacy()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "TorchCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+        if self._file is not None:
+            self._file.close()
+
+    def keys(self) -> Iterable[str]:
+        return self.tensors.keys()
+
+    # zip ---------------------------------------------------------------------------
+
+    def _open_zip(self) -> Dict[str, TensorRef]:
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except zipfile.BadZipFile as e:
+            raise TorchFormatError(
+                f"{self.path}: zip checkpoint is truncated or corrupted ({e})") from None
+        names = set(self._zip.namelist())
+        pickles = sorted(n for n in names if n.endswith("/data.pkl") and n.count("/") == 1)
+        if len(pickles) != 1:
+            raise TorchFormatError(
+                f"{self.path}: expected exactly one '<archive>/data.pkl' in the zip, found {pickles or 'none'}")
+        prefix = pickles[0][: -len("data.pkl")]
+        if prefix + "byteorder" in names:
+            order = self._read_member(prefix + "byteorder").decode("ascii", "replace")
+            if order not in ("little", "big"):
+                raise TorchFormatError(f"{self.path}: byteorder record says {order!r}, expected little or big")
+            self._big_endian = order == "big"
+        table = _StorageTable(with_view_metadata=False)
+        obj = _unpickle(io.BytesIO(self._read_member(pickles[0])), f"{self.path}: {pickles[0]}", table.resolve)
+        tensors = _state_dict(obj, self.path)
+        for key, ref in table.storages.items():
+            member = f"{prefix}data/{key}"
+            if member not in names:
+                raise TorchFormatError(f"{self.path}: storage {key!r} has no record {member!r}")
+            size = self._zip.getinfo(member).file_size
+            expected = ref.numel * _NUMPY_DTYPES[ref.dtype].itemsize
+            if size != expected:
+                raise TorchFormatError(
+                    f"{self.path}: storage {key!r} holds {size} bytes, expected {expected} "
+                    f"({ref.numel} x {ref.dtype})")
+            self._storage_members[key] = member
+        return tensors
+
+    def _read_member(self, member: str) -> bytes:
+        try:
+            return self._zip.read(member)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise TorchFormatError(f"{self.path}: record {member!r} is unreadable ({e})") from None
+
+    # legacy ------------------------------------------------------------------------
+
+    def _open_legacy(self) -> Dict[str, TensorRef]:
+        self._file = open(self.path, "rb")
+        fh, src = self._file, self.path
+        not_a_checkpoint = f"{src}: not a PyTorch checkpoint (neither a zip archive nor a legacy torch pickle)"
+        try:
+            magic = _unpickle(fh, f"{src}: first pickle")
+        except UnsafeCheckpointError:
+            raise
+        except TorchFormatError:
+            raise TorchFormatError(not_a_checkpoint) from None
+        if magic != LEGACY_MAGIC_NUMBER:
+            raise TorchFormatError(not_a_checkpoint)
+        version = _unpickle(fh, f"{src}: protocol version")
+        if version != LEGACY_PROTOCOL_VERSION:
+            raise TorchFormatError(f"{src}: legacy protocol version {version!r}, expected {LEGACY_PROTOCOL_VERSION}")
+        sys_info = _unpickle(fh, f"{src}: system info")
+        if not isinstance(sys_info, dict) or not isinstance(sys_info.get("little_endian"), bool):
+            raise TorchFormatError(f"{src}: system info {sys_info!r} lacks little_endian")
+        self._big_endian = not sys_info["little_endian"]
+        table = _StorageTable(with_view_metadata=True)
+        tensors = _state_dict(_unpickle(fh, f"{src}: object pickle", table.resolve), src)
+        keys = _unpickle(fh, f"{src}: storage key list")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise TorchFormatError(f"{src}: storage key list is {type(keys).__name__}, expected a list of str")
+        if set(keys) != set(table.storages) or len(keys) != len(table.storages):
+            raise TorchFormatError(
+                f"{src}: storage key list {sorted(keys)} does not match the storages the tensors use "
+                f"{sorted(table.storages)}")
+        # Storages follow in list order, each as int64 element count + raw bytes.
+        file_size = os.fstat(fh.fileno()).st_size
+        pos = fh.tell()
+        count_format = ">q" if self._big_endian else "<q"
+        for key in keys:
+            ref = table.storages[key]
+            fh.seek(pos)
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise TorchFormatError(f"{src}: truncated before storage {key!r}")
+            (numel,) = struct.unpack(count_format, raw)
+            if numel != ref.numel:
+                raise TorchFormatError(f"{src}: storage {key!r} has {numel} elements on disk, "
+                                       f"the pickle says {ref.numel}")
+            self._storage_offsets[key] = pos + 8
+            pos += 8 + numel * _NUMPY_DTYPES[ref.dtype].itemsize
+            if pos > file_size:
+                raise TorchFormatError(f"{src}: truncated inside storage {key!r} "
+                                       f"(needs {pos} bytes, file has {file_size})")
+        return tensors
+
+    # data --------------------------------------------------------------------------
+
+    def _read_storage(self, ref: StorageRef) -> np.ndarray:
+        dtype = _NUMPY_DTYPES[ref.dtype]
+        if self._big_endian:
+            dtype = dtype.newbyteorder(">")
+        nbytes = ref.numel * dtype.itemsize
+        if self.format == "zip":
+            raw = self._read_member(self._storage_members[ref.key])
+        else:
+            self._file.seek(self._storage_offsets[ref.key])
+            raw = self._file.read(nbytes)
+        if len(raw) != nbytes:
+            raise TorchFormatError(f"{self.path}: storage {ref.key!r} truncated ({len(raw)} of {nbytes} bytes)")
+        return np.frombuffer(raw, dtype=dtype)
+
+    def read(self, name: str) -> np.ndarray:
+        """Tensor `name` as a new C-contiguous array (bfloat16 as uint16 bits)."""
+        try:
+            ref = self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor {name!r}") from None
+        storage = self._read_storage(ref.storage)
+        itemsize = storage.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            storage[ref.offset:], shape=ref.shape, strides=tuple(s * itemsize for s in ref.stride),
+            writeable=False)
+        return np.array(view, dtype=storage.dtype.newbyteorder("="), order="C")
+
+    def items(self) -> Iterator[Tuple[str, np.ndarray]]:
+        for name in self.tensors:
+            yield name, self.read(name)
+
+
+def load_state_dict(path: os.PathLike | str) -> Dict[str, Tuple[np.ndarray, str]]:
+    """All tensors of a checkpoint: name -> (array, dtype name); bfloat16 as uint16 bits."""
+    with TorchCheckpoint(path) as ckpt:
+        return {name: (ckpt.read(name), ckpt.tensors[name].dtype) for name in ckpt.tensors}
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _StateDictPickle:
+    """Protocol-2 pickle of a flat state dict, opcode for opcode as torch.save's pickler.
+
+    Written by hand because the real pickler would have to import torch to emit
+    `torch._utils._rebuild_tensor_v2`. The memo (BINPUT/BINGET) follows Python's
+    pickler: every string, tuple, global and reduced object is memoised once.
+    """
+
+    def __init__(self):
+        self.out = io.BytesIO()
+        self._memo_size = 0
+        self._memo: Dict[Tuple[str, str], int] = {}  # shared objects: ('str'|'global', value)
+
+    def _put(self) -> None:
+        index = self._memo_size
+        self._memo_size += 1
+        self.out.write(b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index))
+
+    def _get(self, index: int) -> None:
+        self.out.write(b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index))
+
+    def _shared(self, kind: str, value: str, emit: Callable[[], None]) -> None:
+        """Emit a shared object once (then memoise it), afterwards fetch it from the memo."""
+        if (kind, value) in self._memo:
+            self._get(self._memo[(kind, value)])
+        else:
+            emit()
+            self._memo[(kind, value)] = self._memo_size
+            self._put()
+
+    def _binunicode(self, value: str) -> None:
+        data = value.encode("utf-8")
+        self.out.write(b"X" + struct.pack("<I", len(data)) + data)
+
+    def string(self, value: str) -> None:
+        self._binunicode(value)
+        self._put()
+
+    def shared_string(self, value: str) -> None:
+        """A string torch passes as one object every time ('storage', 'cpu')."""
+        self._shared("str", value, lambda: self._binunicode(value))
+
+    def global_(self, module: str, name: str) -> None:
+        self._shared("global", f"{module}\n{name}\n",
+                     lambda: self.out.write(b"c" + f"{module}\n{name}\n".encode("utf-8")))
+
+    def int_(self, value: int) -> None:
+        if 0 <= value < 0x100:
+            self.out.write(b"K" + bytes([value]))
+        elif 0 <= value < 0x10000:
+            self.out.write(b"M" + struct.pack("<H", value))
+        elif -0x80000000 <= value < 0x80000000:
+            self.out.write(b"J" + struct.pack("<i", value))
+        else:
+            data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+            self.out.write(b"\x8a" + bytes([len(data)]) + data)
+
+    def int_tuple(self, values: Tuple[int, ...]) -> None:
+        if not values:
+            self.out.write(b")")
+            return
+        if len(values) > 3:
+            self.out.write(b"(")
+        for v in values:
+            self.int_(v)
+        self.out.write({1: b"\x85", 2: b"\x86", 3: b"\x87"}.get(len(values), b"t"))
+        self._put()
+
+    def tensor(self, storage_key: str, dtype: str, shape: Tuple[int, ...]) -> None:
+        """`_rebuild_tensor_v2(storage, 0, shape, contiguous strides, False, OrderedDict())`."""
+        numel = int(np.prod(shape, dtype=np.int64))
+        strides = tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape)))
+        self.global_("torch._utils", "_rebuild_tensor_v2")
+        self.out.write(b"((")
+        self.shared_string("storage")
+        self.global_("torch", _STORAGE_CLASS_OF[dtype])
+        self.string(storage_key)
+        self.shared_string("cpu")
+        self.int_(numel)
+        self.out.write(b"t")
+        self._put()
+        self.out.write(b"Q")  # BINPERSID
+        self.int_(0)
+        self.int_tuple(shape)
+        self.int_tuple(strides)
+        self.out.write(b"\x89")  # NEWFALSE: requires_grad
+        self.global_("collections", "OrderedDict")
+        self.out.write(b")R")  # OrderedDict(): backward hooks
+        self._put()
+        self.out.write(b"t")
+        self._put()
+        self.out.write(b"R")
+        self._put()
+
+    @classmethod
+    def of(cls, entries: List[Tuple[str, str, Tuple[int, ...]]]) -> bytes:
+        """entries: (name, dtype, shape) in order; storage keys are "0", "1", ... in that order."""
+        p = cls()
+        p.out.write(b"\x80\x02}")  # PROTO 2, EMPTY_DICT
+        p._put()
+        batch = 1000  # the pickler's SETITEMS batch size
+        for start in range(0, len(entries), batch):
+            chunk = entries[start:start + batch]
+            if len(chunk) > 1:
+                p.out.write(b"(")
+            for i, (name, dtype, shape) in enumerate(chunk, start):
+                p.string(name)
+                p.tensor(str(i), dtype, shape)
+            p.out.write(b"u" if len(chunk) > 1 else b"s")
+        p.out.write(b".")
+        return p.out.getvalue()
+
+
+def _zip_records(archive: str, records: List[Tuple[str, bytes]], out: BinaryIO) -> None:
+    """Write an uncompressed zip laid out as torch's writer does.
+
+    Local headers carry no sizes (flag 0x0808: sizes in a trailing data descriptor,
+    UTF-8 names), an 'FB' extra field pads each member's data to a 64-byte boundary,
+    and the archive ends with a zip64 end record, its locator and the classic end record.
+    """
+    central = io.BytesIO()
+    pos = 0
+    for name, data in records:
+        full = f"{archive}/{name}".encode("utf-8")
+        start = pos + 30 + len(full) + 4
+        pad = -start % ZIP_ALIGNMENT
+        extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        crc = zlib.crc32(data)
+        if pos + 30 + len(full) + len(extra) + len(data) + 16 >= 0xFFFFFFFF:
+            raise TorchFormatError("checkpoint writer supports archives below 4 GiB only")
+        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 0, 0x0808, 0, 0, 0, 0, 0, 0, len(full), len(extra)))
+        out.write(full + extra + data)
+        out.write(struct.pack("<IIII", 0x08074B50, crc, len(data), len(data)))
+        central.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 0, 0x0808, 0, 0, 0, crc, len(data),
+                                  len(data), len(full), 0, 0, 0, 0, 0, pos))
+        central.write(full)
+        pos += 30 + len(full) + len(extra) + len(data) + 16
+    directory = central.getvalue()
+    count = len(records)
+    out.write(directory)
+    zip64_end = pos + len(directory)
+    out.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 0x2D, 0, 0, count, count, len(directory), pos))
+    out.write(struct.pack("<IIQI", 0x07064B50, 0, zip64_end, 1))
+    out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(directory), pos, 0))
+
+
+def _numpy_dtype_name(arr: np.ndarray, name: str) -> str:
+    for dtype_name, dtype in _NUMPY_DTYPES.items():
+        if dtype_name != "bfloat16" and arr.dtype.newbyteorder("<") == dtype:
+            return dtype_name
+    raise TorchFormatError(f"tensor {name!r}: dtype {arr.dtype} has no torch storage type here; "
+                           f"expected one of {sorted(_NUMPY_DTYPES)}")
+
+
+def archive_name(path: os.PathLike | str) -> str:
+    """The folder name torch puts inside the zip: the file name without its last extension."""
+    base = os.path.basename(os.fspath(path))
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return stem or "archive"
+
+
+def save_state_dict(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], *,
+                    bf16: Iterable[str] = ()) -> None:
+    """Write `tensors` (in mapping order) as a torch.save zip checkpoint, atomically.
+
+    Names in `bf16` are stored as bfloat16 (given as float32, rounded to nearest
+    even, or as uint16 bits). Each tensor gets its own contiguous storage.
+    """
+    path = os.fspath(path)
+    bf16 = set(bf16)
+    unknown = bf16 - set(tensors)
+    if unknown:
+        raise TorchFormatError(f"bf16 names {sorted(unknown)} are not among the tensors")
+    entries, storages = [], []
+    for name, arr in tensors.items():
+        arr = np.asarray(arr)
+        if name in bf16:
+            data = arr if arr.dtype == np.uint16 else f32_to_bf16_bits(arr)
+            dtype = "bfloat16"
+        else:
+            dtype = _numpy_dtype_name(arr, name)
+            data = arr
+        data = np.ascontiguousarray(data, dtype=_NUMPY_DTYPES[dtype])
+        entries.append((name, dtype, tuple(int(d) for d in arr.shape)))
+        storages.append(data.tobytes())
+    pickled = _StateDictPickle.of(entries)
+    records = [("data.pkl", pickled), (".format_version", ZIP_FORMAT_VERSION),
+               (".storage_alignment", str(ZIP_ALIGNMENT).encode()), ("byteorder", b"little")]
+    records += [(f"data/{i}", data) for i, data in enumerate(storages)]
+    records.append(("version", ZIP_RECORD_VERSION))
+    # torch writes two random 20-digit numbers; a content hash keeps our files reproducible.
+    digest = hashlib.sha256(b"".join(data for _, data in records)).digest()
+    first, second = struct.unpack("<QQ", digest[:16])
+    records.append((".data/serialization_id", f"{first:020d}{second:020d}".encode()))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            _zip_records(archive_name(path), records, fh)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
