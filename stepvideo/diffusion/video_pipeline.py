@@ -1,0 +1,266 @@
+"""`StepVideoPipeline`: prompt -> text embeddings -> denoising loop -> video.
+
+The loop is the original's: the prompts sent to the text encoders are
+`[prompt + pos_magic, neg_magic]`; the latent is duplicated for classifier-free
+guidance with the conditional half first; every batch row gets the timestep;
+`guided = uncond + scale * (cond - uncond)`; the scheduler steps in fp32.
+
+Text encoding and decoding go through two small interfaces (`encode(prompts)`
+and `decode(latents)`) with a remote implementation (the HTTP services, as in
+the original deployment) and an in-process one; see `stepvideo.serving`.
+
+What differs from the original, on purpose:
+- `guidance_scale <= 1` runs without guidance (the original still encoded the
+  negative prompt and crashed on the batch mismatch).
+- A list of prompts and `num_videos_per_prompt > 1` work (the original
+  concatenated a list with a string).
+- Frames are rounded to multiples of 17 and sizes to multiples of 16 as in the
+  original, but a warning says so whenever the user's values change.
+- Initial noise is drawn with numpy from the seed/generator (identical on CPU
+  and Ascend), then rounded to bf16 values as the original draws it in bf16;
+  user-given latents are rounded to bf16 values like the original casts them.
+- Bad arguments raise ValueError before any model work.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+from tqdm import tqdm
+
+from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
+from stepvideo.modules.model import StepVideoModel
+from stepvideo.utils import safetensors_io as st
+from stepvideo.utils.video_process import VideoProcessor, crop_to_540p, to_uint8_frames
+
+log = logging.getLogger(__name__)
+
+FRAMES_PER_CHUNK = 17  # video frames decoded from one chunk of latents
+LATENTS_PER_CHUNK = 3
+SPATIAL_COMPRESSION = 16
+OUTPUT_TYPES = ("mp4", "latent", "np")
+
+
+@dataclass
+class StepVideoPipelineOutput:
+    video: Any  # path of the mp4, or an array for output_type "latent" / "np"
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to the nearest bf16 value (kept in fp32)."""
+    return st.bf16_bits_to_f32(st.f32_to_bf16_bits(x))
+
+
+def latent_shape(batch: int, num_frames: int, height: int, width: int, channels: int) -> tuple:
+    """(b, frames // 17 * 3, c, h/16, w/16) for already-rounded sizes, as the original."""
+    return (batch, max(num_frames // FRAMES_PER_CHUNK * LATENTS_PER_CHUNK, 1), channels,
+            height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _as_tensor(x, dtype: ms.dtype) -> Tensor:
+    """A caption/latent array (numpy fp32, or a Tensor) as a Tensor of `dtype`."""
+    t = x if isinstance(x, Tensor) else Tensor.from_numpy(np.ascontiguousarray(x))
+    return t.astype(dtype) if t.dtype != dtype else t
+
+
+class StepVideoPipeline:
+    """Text-to-video generation with Step-Video-T2V.
+
+    transformer: a `StepVideoModel`, or a wrapper with the same call signature
+        (the distributed DiT); scheduler: `FlowMatchDiscreteScheduler`;
+    text_encoding / video_decoding: objects with `encode(prompts)` and
+        `decode(latents)` (remote or in-process; set them with `setup_api` or
+        `setup_local`); is_output_rank: only this rank decodes and writes video.
+    """
+
+    def __init__(self, transformer, scheduler: FlowMatchDiscreteScheduler, text_encoding=None,
+                 video_decoding=None, save_path: str = "./results", name_suffix: str = "",
+                 is_output_rank: bool = True):
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.text_encoding = text_encoding
+        self.video_decoding = video_decoding
+        self.video_processor = VideoProcessor(save_path, name_suffix)
+        self.is_output_rank = is_output_rank
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Union[str, os.PathLike], transformer=None, **kwargs) -> "StepVideoPipeline":
+        """Read `model_index.json`, `transformer/` and `scheduler/` from the model folder.
+
+        `transformer` may be given (e.g. a distributed wrapper that loaded only its stage).
+        """
+        model_dir = Path(model_dir)
+        index = model_dir / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{index} not found: expected a Step-Video model folder with model_index.json, "
+                                    "transformer/ and scheduler/")
+        components = json.loads(index.read_text())
+        for name in ("transformer", "scheduler"):
+            if name not in components:
+                raise ValueError(f"{index} lists no {name!r} component")
+        if transformer is None:
+            transformer = StepVideoModel.from_pretrained(model_dir / "transformer")
+        scheduler = FlowMatchDiscreteScheduler.from_pretrained(model_dir / "scheduler")
+        return cls(transformer, scheduler, **kwargs)
+
+    def setup_api(self, vae_url: str, caption_url: str, **client_kwargs) -> "StepVideoPipeline":
+        """Use the remote caption and VAE services (the original deployment)."""
+        from stepvideo.serving.client import RemoteCaption, RemoteVae
+
+        self.text_encoding = RemoteCaption(caption_url, **client_kwargs)
+        self.video_decoding = RemoteVae(vae_url, **client_kwargs)
+        return self
+
+    # ------------------------------------------------------------------ checks
+
+    @staticmethod
+    def check_inputs(num_frames: int, width: int, height: int):
+        """The original's rounding (frames to x17, sizes to x16), with a warning when values change."""
+        frames = max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1)
+        w = max(width // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
+        h = max(height // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
+        if (frames, w, h) != (num_frames, width, height):
+            log.warning("adjusted the video size from %d frames %dx%d (HxW) to %d frames %dx%d: frames are rounded "
+                        "down to a multiple of 17 and sizes to multiples of 16", num_frames, height, width,
+                        frames, h, w)
+        return frames, w, h
+
+    @staticmethod
+    def _prompts(prompt) -> List[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise ValueError(f"prompt[{i}] must be a string, got {type(p).__name__}")
+        return list(prompts)
+
+    # ------------------------------------------------------------------ pieces
+
+    def encode_prompt(self, prompts: Sequence[str], neg_magic: str = "", pos_magic: str = "",
+                      num_videos_per_prompt: int = 1, do_classifier_free_guidance: bool = True):
+        """-> (prompt_embeds, clip_embedding, attention_mask) with rows [cond..., uncond...].
+
+        Each prompt's row is repeated num_videos_per_prompt times; the negative rows follow.
+        """
+        texts = [p + pos_magic for p in prompts] + ([neg_magic] if do_classifier_free_guidance else [])
+        out = self.text_encoding.encode(texts)
+        rows = [i for i in range(len(prompts)) for _ in range(num_videos_per_prompt)]
+        if do_classifier_free_guidance:
+            rows += [len(prompts)] * len(rows)
+        rows = np.asarray(rows)
+        dtype = self.transformer.dtype
+        take = lambda a: _as_tensor(np.asarray(a)[rows] if not isinstance(a, Tensor) else a[Tensor(rows)], dtype)
+        return take(out.y), take(out.clip_embedding), take(out.y_mask)
+
+    def prepare_latents(self, shape: tuple, seed: Optional[int] = None,
+                        generator: Optional[np.random.Generator] = None,
+                        latents: Optional[np.ndarray] = None) -> np.ndarray:
+        """Initial noise (fp32 holding bf16 values, like the original's bf16 draw)."""
+        if latents is not None:
+            latents = np.asarray(latents.asnumpy() if isinstance(latents, Tensor) else latents, np.float32)
+            b, _, c = shape[:3]
+            if latents.ndim != 5 or latents.shape[0] != b or latents.shape[2] != c:
+                raise ValueError(f"latents: expected shape ({b}, T, {c}, h, w), got {latents.shape}")
+            if latents.shape != tuple(shape):
+                # As in the original, given latents define the video size.
+                log.info("using the given latents of shape %s instead of %s from num_frames/height/width",
+                         latents.shape, tuple(shape))
+            return round_to_bf16(latents)
+        if generator is None:
+            generator = np.random.default_rng(seed)
+        return round_to_bf16(generator.standard_normal(shape, dtype=np.float32))
+
+    def decode_vae(self, latents: np.ndarray) -> np.ndarray:
+        return self.video_decoding.decode(latents)
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: Union[str, List[str]] = None, height: int = 544, width: int = 992,
+                 num_frames: int = 204, num_inference_steps: int = 50, guidance_scale: float = 9.0,
+                 time_shift: float = 13.0, neg_magic: str = "", pos_magic: str = "",
+                 num_videos_per_prompt: int = 1, seed: Optional[int] = None,
+                 generator: Optional[np.random.Generator] = None, latents: Optional[np.ndarray] = None,
+                 output_type: str = "mp4", output_file_name: str = "", return_dict: bool = True,
+                 progress: bool = True, callback: Optional[Callable[[int, Dict[str, Tensor]], None]] = None):
+        """Generate; returns the mp4 path (or an array for output_type "latent"/"np") on the output rank.
+
+        callback(i, tensors) is called after each step with "model_input", "timestep",
+        "noise_pred" (guided) and "latents" (after the scheduler step).
+        """
+        # 1. Check everything before any model work.
+        prompts = self._prompts(prompt)
+        height = _positive_int("height", height)
+        width = _positive_int("width", width)
+        num_frames = _positive_int("num_frames", num_frames)
+        num_inference_steps = _positive_int("num_inference_steps", num_inference_steps)
+        num_videos_per_prompt = _positive_int("num_videos_per_prompt", num_videos_per_prompt)
+        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_type != "latent" and self.is_output_rank and self.video_decoding is None:
+            raise ValueError("no VAE: call setup_api(vae_url, caption_url) or give video_decoding, "
+                             "or use output_type='latent'")
+        if self.text_encoding is None:
+            raise ValueError("no text encoder: call setup_api(vae_url, caption_url) or give text_encoding")
+        num_frames, width, height = self.check_inputs(num_frames, width, height)
+        do_cfg = guidance_scale > 1.0
+        batch = len(prompts) * num_videos_per_prompt
+        shape = latent_shape(batch, num_frames, height, width, self.transformer.config.in_channels)
+
+        # 2. Text embeddings, in the transformer's dtype.
+        prompt_embeds, clip_embedding, attention_mask = self.encode_prompt(
+            prompts, neg_magic, pos_magic, num_videos_per_prompt, do_cfg)
+
+        # 3. Timesteps and 4. noise.
+        self.scheduler.set_timesteps(num_inference_steps=num_inference_steps, time_shift=time_shift)
+        latents = Tensor.from_numpy(self.prepare_latents(shape, seed, generator, latents))
+
+        # 5. Denoising loop.
+        dtype = self.transformer.dtype
+        started = time.perf_counter()
+        steps = tqdm(self.scheduler.timesteps, total=num_inference_steps, unit="step", disable=not progress,
+                     desc="denoising")
+        for i, t in enumerate(steps):
+            model_input = ms.ops.cat((latents, latents), 0) if do_cfg else latents
+            model_input = model_input.astype(dtype)
+            timestep = Tensor(np.full((model_input.shape[0],), float(t), np.float32)).astype(dtype)
+            noise_pred = self.transformer(hidden_states=model_input, timestep=timestep,
+                                          encoder_hidden_states=prompt_embeds,
+                                          encoder_attention_mask=attention_mask,
+                                          encoder_hidden_states_2=clip_embedding, return_dict=False)
+            if do_cfg:
+                cond, uncond = noise_pred[:batch], noise_pred[batch:]
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(model_output=noise_pred, timestep=t, sample=latents)
+            if callback is not None:
+                callback(i, {"model_input": model_input, "timestep": timestep, "noise_pred": noise_pred,
+                             "latents": latents})
+        self.seconds_per_step = (time.perf_counter() - started) / num_inference_steps
+
+        # 6. Output (only the output rank decodes and writes).
+        if not self.is_output_rank:
+            return None
+        result = latents.asnumpy()
+        if output_type != "latent":
+            video = self.decode_vae(result)
+            if output_type == "mp4":
+                result = str(self.video_processor.postprocess_video(video, output_file_name=output_file_name))
+            else:
+                result = crop_to_540p(to_uint8_frames(video))
+        return StepVideoPipelineOutput(video=result) if return_dict else (result,)
