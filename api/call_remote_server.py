@@ -1,0 +1,118 @@
+"""The caption service (Step-LLM + CLIP) and/or the VAE service, over HTTP.
+
+    python api/call_remote_server.py --model_dir DIR --enable_llm True --enable_vae False   # caption, port 5000
+    python api/call_remote_server.py --model_dir DIR --enable_llm False --enable_vae True   # VAE, port 5001
+    python api/call_remote_server.py --model_dir DIR                                         # both, port 5000
+
+Once the models are loaded and the port is listening it prints one line per
+service, e.g. `caption_url: http://127.0.0.1:5000`; pass those to the DiT job as
+--caption_url / --vae_url. Endpoints and wire format: `stepvideo/serving/server.py`.
+
+Unlike the original (which bound 0.0.0.0 and unpickled request bodies, so anyone
+who reached the port could run code), it binds 127.0.0.1 unless --host says
+otherwise, parses only JSON and safetensors, and can require a shared secret
+(--token or env STEPVIDEO_API_TOKEN).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+try:
+    import stepvideo  # noqa: F401
+except ImportError:  # run as `python api/call_remote_server.py` from a checkout without PYTHONPATH
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stepvideo.serving import wire  # noqa: E402
+from stepvideo.serving.server import DEFAULT_MAX_BODY_MB, Limits  # noqa: E402
+
+log = logging.getLogger("stepvideo.serving")
+
+
+def str2bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Step-Video caption / VAE services",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_dir", required=True, help="the model folder (step_llm/, hunyuan_clip/, vae/)")
+    parser.add_argument("--enable_llm", type=str2bool, default=True, metavar="True|False",
+                        help="serve the caption model (Step-LLM + CLIP) at /caption-api")
+    parser.add_argument("--enable_vae", type=str2bool, default=True, metavar="True|False",
+                        help="serve the VAE at /vae-api")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; anything but loopback should come with --token")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"port (default: {wire.DEFAULT_PORTS['caption']} when serving the caption model, "
+                             f"else {wire.DEFAULT_PORTS['vae']}; 0 picks a free one)")
+    parser.add_argument("--device_id", type=int, default=None, help="accelerator index (Ascend)")
+    parser.add_argument("--token", default=None,
+                        help=f"shared secret clients must send (default: env {wire.TOKEN_ENV}; none: no check)")
+    parser.add_argument("--max_body_mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                        help="largest request body accepted, in MiB")
+    parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    if not (args.enable_llm or args.enable_vae):
+        parser.error("nothing to serve: --enable_llm and --enable_vae are both False")
+    if args.port is None:
+        args.port = wire.DEFAULT_PORTS["caption" if args.enable_llm else "vae"]
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    if not args.max_body_mb > 0:
+        parser.error(f"--max_body_mb must be > 0, got {args.max_body_mb}")
+    if args.token is None:
+        args.token = os.environ.get(wire.TOKEN_ENV) or None
+    if not Path(args.model_dir).is_dir():
+        parser.error(f"--model_dir {args.model_dir!r} is not a folder")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from stepvideo import backend
+    from stepvideo.serving import server
+    from stepvideo.serving.interface import LocalCaption, LocalVae
+
+    if not server.is_loopback(args.host) and not args.token:
+        print(f"WARNING: binding {args.host} without a token: anyone who can reach this port can use the "
+              f"services. Set --token or {wire.TOKEN_ENV}.", file=sys.stderr, flush=True)
+    try:
+        sock = server.bind_socket(args.host, args.port)  # fail now, not after minutes of loading
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    info = backend.init(device_id=args.device_id)
+    started = time.perf_counter()
+    caption = LocalCaption.from_model_dir(args.model_dir) if args.enable_llm else None
+    vae = LocalVae.from_model_dir(args.model_dir) if args.enable_vae else None
+    log.info("models loaded in %.1f s on %s", time.perf_counter() - started, info.device)
+
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20))
+    app = server.create_app(caption, vae, token=args.token, limits=limits, device=info.device,
+                            dtype=str(info.compute_dtype).lower(), vae_channels=vae.z_channels if vae else 64)
+    url = server.url_for(sock)
+
+    def ready():
+        for name, on in (("caption_url", caption), ("vae_url", vae)):
+            if on is not None:
+                print(f"{name}: {url}", flush=True)
+
+    server.serve(app, sock, ready, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

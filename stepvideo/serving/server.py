@@ -1,0 +1,321 @@
+"""The caption and VAE services as one FastAPI app, built from already-loaded models.
+
+    app = create_app(caption=LocalCaption(...), vae=LocalVae(...), token="secret")
+
+Endpoints (each model is optional; a process may serve either or both):
+
+    POST /caption-api   JSON {"prompts": [...]}            -> safetensors: y, y_mask, clip_embedding
+    POST /vae-api       safetensors: samples (b,T,64,h,w)  -> safetensors: video (b,frames,3,16h,16w)
+    GET  /health        JSON: models loaded, device, dtype, busy
+
+The original services unpickled request bodies and answered every failure
+with HTTP 200 and a `None`; here bad input gets a 4xx and a model failure a
+5xx, both with a JSON body {"error": "..."} that says what was wrong, and the
+service keeps serving. Checks, in order: token (if one is set), content type,
+declared and streamed body size (before the body is read past the limit),
+then the payload itself (`stepvideo.serving.wire`).
+
+Model work runs on one worker thread, off the event loop: the device runs one
+request at a time (two models on one accelerator at once risk running out of
+its memory, and MindSpore on CPU is not meant to run two networks from two
+threads), while /health and request parsing stay responsive.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hmac
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stepvideo.serving import wire
+from stepvideo.serving.interface import TextEncoding, VideoDecoding
+
+log = logging.getLogger(__name__)
+
+CAPTION_PATH, VAE_PATH, HEALTH_PATH = wire.CAPTION_PATH, wire.VAE_PATH, wire.HEALTH_PATH
+TOKEN_ENV = wire.TOKEN_ENV
+
+# A 204-frame 544x992 video has latents (1, 36, 64, 34, 62): 19.4 MB in float32.
+DEFAULT_MAX_BODY_MB = 64.0
+# Responses up to this size are sent in one piece; larger ones are streamed in chunks.
+_STREAM_ABOVE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for. The defaults fit a 204-frame 544x992 video with margin."""
+
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)
+    max_prompts: int = 64
+    max_prompt_chars: int = 16384
+    max_batch: int = 16
+    max_latent_frames: int = 1024  # T; 3 latents decode to 17 frames
+    max_latent_side: int = 512  # h and w; 16 pixels each
+    max_latent_elements: int = 16 * 2**20  # b*T*64*h*w; the video has ~68x as many values
+
+    def samples_spec(self, channels: int) -> wire.TensorSpec:
+        return wire.TensorSpec("samples", ("b", "T", "c", "h", "w"), ("F32", "BF16", "F16"),
+                               sizes=(None, None, channels, None, None),
+                               max_sizes=(self.max_batch, self.max_latent_frames, None,
+                                          self.max_latent_side, self.max_latent_side))
+
+
+class ApiError(Exception):
+    """An HTTP error answered as {"error": message}."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+class _ModelWorker:
+    """Runs model calls one at a time on a single thread and reports what it is doing."""
+
+    def __init__(self):
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepvideo-model")
+        self._lock = threading.Lock()
+        self.running: Optional[str] = None
+        self.waiting = 0
+        self.served: Dict[str, int] = {}
+        self.failed: Dict[str, int] = {}
+
+    async def run(self, what: str, fn: Callable, *args):
+        with self._lock:
+            self.waiting += 1
+
+        def job():
+            with self._lock:
+                self.waiting -= 1
+                self.running = what
+            try:
+                result = fn(*args)
+                with self._lock:
+                    self.served[what] = self.served.get(what, 0) + 1
+                return result
+            except BaseException:
+                with self._lock:
+                    self.failed[what] = self.failed.get(what, 0) + 1
+                raise
+            finally:
+                with self._lock:
+                    self.running = None
+
+        return await asyncio.wrap_future(self._executor.submit(job))
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"busy": self.running is not None or self.waiting > 0, "running": self.running,
+                    "waiting": self.waiting, "served": dict(self.served), "failed": dict(self.failed)}
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _media_type(request: Request) -> tuple:
+    """(type/subtype lower-case, {param: value}) of the request's Content-Type."""
+    raw = request.headers.get("content-type", "")
+    main, *params = raw.split(";")
+    values = {}
+    for p in params:
+        key, _, value = p.partition("=")
+        values[key.strip().lower()] = value.strip().strip('"').lower()
+    return main.strip().lower(), values
+
+
+def _require_media_type(request: Request, expected: str) -> None:
+    got, params = _media_type(request)
+    if got != expected:
+        raise ApiError(415, f"Content-Type must be {expected}, got {request.headers.get('content-type', 'none')!r}")
+    charset = params.get("charset")
+    if charset is not None and charset not in ("utf-8", "utf8"):
+        raise ApiError(415, f"charset must be utf-8, got {charset!r}")
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The body, refused with 413 as soon as its declared or received size passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, f"Content-Length must be a non-negative integer, got {declared!r}")
+        if int(declared) > limit:
+            raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes "
+                                "(server option --max_body_mb)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes (server option --max_body_mb)")
+    if not body:
+        raise ApiError(400, "empty request body")
+    return body
+
+
+def _tensor_response(tensors: Dict[str, np.ndarray]) -> Response:
+    total, parts = wire.encode_parts(tensors)
+    if total <= _STREAM_ABOVE_BYTES:
+        return Response(b"".join(parts), media_type=wire.MEDIA_TYPE)
+    return StreamingResponse(wire.iter_chunks(parts), media_type=wire.MEDIA_TYPE,
+                             headers={"content-length": str(total)})
+
+
+def _error(status: int, message: str, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecoding] = None, *,
+               token: Optional[str] = None, limits: Limits = Limits(), device: str = "CPU",
+               dtype: str = "float32", vae_channels: int = 64) -> FastAPI:
+    """The services for the given models (at least one). `token`: require "Authorization: Bearer <token>"."""
+    if caption is None and vae is None:
+        raise ValueError("create_app needs a caption model, a VAE, or both")
+    worker = _ModelWorker()
+    expected_auth = f"Bearer {token}".encode("utf-8") if token else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.shutdown()
+
+    app = FastAPI(title="Step-Video caption / VAE services", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = (f"no endpoint {request.url.path!r}; this service has "
+                       f"{', '.join(p for p, on in ((CAPTION_PATH, caption), (VAE_PATH, vae)) if on)} and {HEALTH_PATH}")
+        elif exc.status_code == 405:
+            message = f"method {request.method} not allowed on {request.url.path} (use POST; GET only for {HEALTH_PATH})"
+        return _error(exc.status_code, message, getattr(exc, "headers", None))
+
+    def check_token(request: Request) -> None:
+        if expected_auth is None:
+            return
+        given = request.headers.get("authorization", "").encode("utf-8", "replace")
+        if not hmac.compare_digest(given, expected_auth):
+            raise ApiError(401, "missing or wrong token: send the header 'Authorization: Bearer <token>' with the "
+                                f"service's token (client option token=, or env {TOKEN_ENV})",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def not_served(what: str, flag: str) -> ApiError:
+        return ApiError(404, f"this service does not run the {what} (start it with {flag} True)")
+
+    @app.get(HEALTH_PATH)
+    async def health():
+        return {"status": "ok", "models": {"caption": caption is not None, "vae": vae is not None},
+                "device": device, "dtype": dtype, **worker.status()}
+
+    @app.post(CAPTION_PATH)
+    async def caption_api(request: Request):
+        if caption is None:
+            raise not_served("caption model", "--enable_llm")
+        check_token(request)
+        _require_media_type(request, wire.JSON_MEDIA_TYPE)
+        body = await _read_body(request, limits.max_body_bytes)
+        try:
+            prompts = wire.decode_prompts(body, max_prompts=limits.max_prompts,
+                                          max_prompt_chars=limits.max_prompt_chars)
+        except wire.WireError as e:
+            raise ApiError(400, str(e)) from None
+        try:
+            out = await worker.run("caption", caption.encode, prompts)
+        except Exception as e:  # noqa: BLE001 - any model failure becomes a 500 with its message
+            log.exception("caption model failed on %d prompt(s)", len(prompts))
+            raise ApiError(500, f"caption model failed: {type(e).__name__}: {e}") from None
+        return _tensor_response(out.as_dict())
+
+    @app.post(VAE_PATH)
+    async def vae_api(request: Request):
+        if vae is None:
+            raise not_served("VAE", "--enable_vae")
+        check_token(request)
+        _require_media_type(request, wire.MEDIA_TYPE)
+        body = await _read_body(request, limits.max_body_bytes)
+        try:
+            samples = wire.decode(body, [limits.samples_spec(vae_channels)],
+                                  max_elements=limits.max_latent_elements, source="request body")["samples"]
+        except wire.WireError as e:
+            raise ApiError(400, str(e)) from None
+        if not np.isfinite(samples).all():
+            raise ApiError(400, "samples contain NaN or infinite values")
+        try:
+            video = await worker.run("vae", vae.decode, samples)
+        except Exception as e:  # noqa: BLE001 - any model failure becomes a 500 with its message
+            log.exception("VAE decode failed on samples of shape %s", samples.shape)
+            raise ApiError(500, f"VAE decode failed: {type(e).__name__}: {e}") from None
+        return _tensor_response({"video": video})
+
+    return app
+
+
+# --------------------------------------------------------------------------- running
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound (not yet listening) to host:port; port 0 picks a free port.
+
+    Binding before the models load makes a taken port fail at once; not listening
+    until they are loaded makes early clients see "connection refused" and retry.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve host {host!r}: {e}") from None
+    family, socktype, proto, _, address = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot bind {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def url_for(sock: socket.socket) -> str:
+    """The base URL clients should use for a bound socket."""
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()  # listening on every interface: name this machine
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(app: FastAPI, sock: socket.socket, on_ready: Callable[[], None], log_level: str = "info") -> None:
+    """Serve `app` on the bound `sock` until SIGINT/SIGTERM; `on_ready()` once it accepts connections."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Optional[List[socket.socket]] = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                on_ready()
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", timeout_keep_alive=30)
+    _Server(config).run(sockets=[sock])
