@@ -149,11 +149,11 @@ class _RemoteService:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ServiceError(self.service, url, f"not reachable ({e or type(e).__name__}) after trying for "
-                                       f"{self.connect_wait:.0f} s; is the service running? Start it with "
+                                       f"{self.connect_wait:g} s; is the service running? Start it with "
                                        f"`python api/call_remote_server.py --model_dir DIR` and pass the URL it "
                                        "prints") from None
                 if not warned:
-                    log.warning("%s service at %s is not accepting connections yet (%s); retrying for up to %.0f s "
+                    log.warning("%s service at %s is not accepting connections yet (%s); retrying for up to %g s "
                                 "(it may still be loading its models)", self.service, url, e or type(e).__name__,
                                 self.connect_wait)
                     warned = True
