@@ -72,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--max_body_mb must be > 0, got {args.max_body_mb}")
     if args.token is None:
         args.token = os.environ.get(wire.TOKEN_ENV) or None
+    if args.token is not None:
+        try:
+            wire.check_token(args.token)
+        except ValueError as e:
+            parser.error(str(e))
     if not Path(args.model_dir).is_dir():
         parser.error(f"--model_dir {args.model_dir!r} is not a folder")
     return args

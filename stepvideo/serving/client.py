@@ -29,7 +29,7 @@ import numpy as np
 
 from stepvideo.serving import wire
 from stepvideo.serving.interface import CaptionOutput, TextEncoding, VideoDecoding, check_latents, check_prompts
-from stepvideo.serving.wire import CAPTION_PATH, DEFAULT_PORTS, HEALTH_PATH, TOKEN_ENV, VAE_PATH
+from stepvideo.serving.wire import CAPTION_PATH, DEFAULT_PORTS, HEALTH_PATH, TOKEN_ENV, VAE_PATH, check_token
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class _RemoteService:
         self.url = service_url(url, self.service)
         self.health_url = self.url[: -len(_ENDPOINTS[self.service])] + HEALTH_PATH
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-        self._headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._headers = {"authorization": f"Bearer {check_token(token)}"} if token is not None else {}
         for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
                             ("connect_wait", connect_wait), ("retry_interval", retry_interval)):
             if not isinstance(value, (int, float)) or value < 0 or value != value:

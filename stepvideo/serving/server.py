@@ -36,6 +36,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from stepvideo.serving import wire
 from stepvideo.serving.interface import TextEncoding, VideoDecoding
@@ -151,10 +152,13 @@ async def _read_body(request: Request, limit: int) -> bytearray:
             raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes "
                                 "(server option --max_body_mb)")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes (server option --max_body_mb)")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes (server option --max_body_mb)")
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before sending the whole body") from None
     if not body:
         raise ApiError(400, "empty request body")
     return body
@@ -178,8 +182,8 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
     """The services for the given models (at least one). `token`: require "Authorization: Bearer <token>"."""
     if caption is None and vae is None:
         raise ValueError("create_app needs a caption model, a VAE, or both")
+    expected_auth = f"Bearer {wire.check_token(token)}".encode("ascii") if token is not None else None
     worker = _ModelWorker()
-    expected_auth = f"Bearer {token}".encode("utf-8") if token else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -187,7 +191,7 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
         worker.shutdown()
 
     app = FastAPI(title="Step-Video caption / VAE services", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+                  redirect_slashes=False, lifespan=lifespan)
     app.state.worker = worker
 
     @app.exception_handler(ApiError)
@@ -207,7 +211,7 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
     def check_token(request: Request) -> None:
         if expected_auth is None:
             return
-        given = request.headers.get("authorization", "").encode("utf-8", "replace")
+        given = request.headers.get("authorization", "").encode("latin-1", "replace")  # as it came
         if not hmac.compare_digest(given, expected_auth):
             raise ApiError(401, "missing or wrong token: send the header 'Authorization: Bearer <token>' with the "
                                 f"service's token (client option token=, or env {TOKEN_ENV})",

@@ -41,6 +41,14 @@ HEALTH_PATH = "/health"
 DEFAULT_PORTS = {"caption": 5000, "vae": 5001}
 TOKEN_ENV = "STEPVIDEO_API_TOKEN"  # the shared secret, sent as "Authorization: Bearer <token>"
 
+
+def check_token(token: str) -> str:
+    """A token must be printable ASCII without spaces: it travels in an HTTP header."""
+    if not isinstance(token, str) or not token or not all(33 <= ord(c) <= 126 for c in token):
+        raise ValueError("the service token must be a non-empty string of printable ASCII characters without "
+                         f"spaces (it is sent in an HTTP header), got {token!r:.40}")
+    return token
+
 # safetensors dtype string <-> numpy dtype for what the services exchange.
 _NP_DTYPES = {
     "F64": np.dtype("<f8"),
