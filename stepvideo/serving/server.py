@@ -63,6 +63,7 @@ class Limits:
     max_latent_frames: int = 1024  # T; 3 latents decode to 17 frames
     max_latent_side: int = 512  # h and w; 16 pixels each
     max_latent_elements: int = 16 * 2**20  # b*T*64*h*w; the video has ~68x as many values
+    max_waiting: int = 32  # requests queued for the model; more get 503 (each holds its body in memory)
 
     def samples_spec(self, channels: int) -> wire.TensorSpec:
         return wire.TensorSpec("samples", ("b", "T", "c", "h", "w"), ("F32", "BF16", "F16"),
@@ -90,8 +91,11 @@ class _ModelWorker:
         self.served: Dict[str, int] = {}
         self.failed: Dict[str, int] = {}
 
-    async def run(self, what: str, fn: Callable, *args):
+    async def run(self, what: str, fn: Callable, *args, max_waiting: int):
         with self._lock:
+            if self.waiting >= max_waiting:
+                raise ApiError(503, f"{self.waiting} requests are already waiting for the model; try again later",
+                               headers={"Retry-After": "5"})
             self.waiting += 1
 
         def job():
@@ -238,7 +242,9 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
         except wire.WireError as e:
             raise ApiError(400, str(e)) from None
         try:
-            out = await worker.run("caption", caption.encode, prompts)
+            out = await worker.run("caption", caption.encode, prompts, max_waiting=limits.max_waiting)
+        except ApiError:
+            raise
         except Exception as e:  # noqa: BLE001 - any model failure becomes a 500 with its message
             log.exception("caption model failed on %d prompt(s)", len(prompts))
             raise ApiError(500, f"caption model failed: {type(e).__name__}: {e}") from None
@@ -259,7 +265,9 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
         if not np.isfinite(samples).all():
             raise ApiError(400, "samples contain NaN or infinite values")
         try:
-            video = await worker.run("vae", vae.decode, samples)
+            video = await worker.run("vae", vae.decode, samples, max_waiting=limits.max_waiting)
+        except ApiError:
+            raise
         except Exception as e:  # noqa: BLE001 - any model failure becomes a 500 with its message
             log.exception("VAE decode failed on samples of shape %s", samples.shape)
             raise ApiError(500, f"VAE decode failed: {type(e).__name__}: {e}") from None

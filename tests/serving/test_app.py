@@ -95,3 +95,38 @@ def test_large_answers_are_streamed_exactly():
         assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content) > 8 * 2**20
         video = wire.decode(r.content, [wire.TensorSpec("video", ("b", "f", "c", "h", "w"), ("F32",))])["video"]
     assert video.tobytes() == BigVae().decode(z).tobytes()
+
+
+class SlowVae(VideoDecoding):
+    def __init__(self):
+        self.release = threading.Event()
+
+    def decode(self, latents):
+        self.release.wait(10)
+        b, t, _, h, w = latents.shape
+        return np.zeros((b, 8 * t - 7, 3, 16 * h, 16 * w), np.float32)
+
+
+def test_too_many_waiting_requests_get_503_and_health_stays_responsive():
+    from stepvideo.serving.server import Limits
+
+    vae = SlowVae()
+    body = wire.encode({"samples": np.zeros((1, 1, 64, 1, 1), np.float32)})
+    with TestClient(create_app(vae=vae, limits=Limits(max_waiting=1))) as c:
+        post = lambda: c.post("/vae-api", content=body, headers={"content-type": "application/octet-stream"})
+        results = []
+        first = threading.Thread(target=lambda: results.append(post().status_code))
+        first.start()
+        while not c.get("/health").json()["running"]:  # the first one occupies the model
+            pass
+        second = threading.Thread(target=lambda: results.append(post().status_code))
+        second.start()
+        while c.get("/health").json()["waiting"] < 1:  # the second one waits
+            pass
+        r = post()  # the third finds the queue full
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"] == "1 requests are already waiting for the model; try again later"
+        vae.release.set()
+        first.join()
+        second.join()
+    assert results == [200, 200]
