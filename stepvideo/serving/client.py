@@ -18,6 +18,7 @@ message; the original client returned None and the pipeline failed later.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import time
@@ -191,8 +192,6 @@ class _RemoteService:
     def _error_message(self, response: httpx.Response) -> str:
         body = self._read(response, _MAX_ERROR_BYTES)
         try:
-            import json
-
             message = json.loads(bytes(body).decode("utf-8"))["error"]
             if isinstance(message, str):
                 return message

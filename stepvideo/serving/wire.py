@@ -45,9 +45,11 @@ TOKEN_ENV = "STEPVIDEO_API_TOKEN"  # the shared secret, sent as "Authorization: 
 def check_token(token: str) -> str:
     """A token must be printable ASCII without spaces: it travels in an HTTP header."""
     if not isinstance(token, str) or not token or not all(33 <= ord(c) <= 126 for c in token):
+        what = f"a string of {len(token)} characters" if isinstance(token, str) else type(token).__name__
         raise ValueError("the service token must be a non-empty string of printable ASCII characters without "
-                         f"spaces (it is sent in an HTTP header), got {token!r:.40}")
+                         f"spaces (it is sent in an HTTP header); got {what} that is not")
     return token
+
 
 # safetensors dtype string <-> numpy dtype for what the services exchange.
 _NP_DTYPES = {
