@@ -86,9 +86,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from stepvideo import backend
     from stepvideo.serving import server
-    from stepvideo.serving.interface import LocalCaption, LocalVae
 
     if not server.is_loopback(args.host) and not args.token:
         print(f"WARNING: binding {args.host} without a token: anyone who can reach this port can use the "
@@ -99,10 +97,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    from stepvideo import backend  # MindSpore: imported only once the port is ours
+    from stepvideo.serving.interface import LocalCaption, LocalVae
+
     info = backend.init(device_id=args.device_id)
     started = time.perf_counter()
-    caption = LocalCaption.from_model_dir(args.model_dir) if args.enable_llm else None
-    vae = LocalVae.from_model_dir(args.model_dir) if args.enable_vae else None
+    try:
+        caption = LocalCaption.from_model_dir(args.model_dir) if args.enable_llm else None
+        vae = LocalVae.from_model_dir(args.model_dir) if args.enable_vae else None
+    except (OSError, ValueError) as e:  # missing or damaged files (CheckpointError is a ValueError)
+        print(f"error: cannot load the models from {args.model_dir}: {e}", file=sys.stderr)
+        return 1
     log.info("models loaded in %.1f s on %s", time.perf_counter() - started, info.device)
 
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20))

@@ -26,20 +26,24 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
+import ipaddress
 import logging
 import socket
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from stepvideo.serving import wire
-from stepvideo.serving.interface import TextEncoding, VideoDecoding
+
+if TYPE_CHECKING:  # the models come in built; importing them here would pull in MindSpore
+    from stepvideo.serving.interface import TextEncoding, VideoDecoding
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +313,6 @@ def url_for(sock: socket.socket) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -321,8 +323,6 @@ def is_loopback(host: str) -> bool:
 
 def serve(app: FastAPI, sock: socket.socket, on_ready: Callable[[], None], log_level: str = "info") -> None:
     """Serve `app` on the bound `sock` until SIGINT/SIGTERM; `on_ready()` once it accepts connections."""
-    import uvicorn
-
     class _Server(uvicorn.Server):
         async def startup(self, sockets: Optional[List[socket.socket]] = None) -> None:
             await super().startup(sockets)
