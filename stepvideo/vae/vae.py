@@ -25,9 +25,9 @@ All tensors inside the networks are (b, c, t, h, w). The math, as in the origina
   final SiLU).
 
 Differences from the original, none of which changes a number:
-- The original has three causal-conv classes (`CausalConv`, `CausalConvChannelLast`,
-  `CausalConvAfterNorm`) that differ only in memory layout and in where the zero
-  frames are inserted; here one `CausalConv` does all three.
+- The original's `CausalConvChannelLast` differs from `CausalConv` only in memory
+  layout, so `CausalConv` stands for both; `CausalConvAfterNorm` keeps its meaning
+  (its input already carries the zero frames, inserted right after norm + SiLU).
 - Only version 2 (the one the official code uses) is implemented.
 - `is_init` is always true in the original's encode/decode paths and is not a
   parameter here; `world_size` chunk distribution is not implemented (the
@@ -161,12 +161,29 @@ class CausalConv(nn.Cell):
         super().__init__()
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
         stride = (stride, 1, 1) if isinstance(stride, int) else tuple(stride)
-        self.time_pad = kt - 1 + max(1 - stride[0], 0)
+        self.time_pad = kt - 1  # the original's extra max(1 - stride_t, 0) is 0 for every stride used
         self.conv = Conv3d(chan_in, chan_out, (kt, kh, kw), stride=stride, padding=(0, kh // 2, kw // 2))
 
     def construct(self, x: Tensor) -> Tensor:
         """(b, c_in, t, h, w) -> (b, c_out, t', h', w')."""
         return self.conv(causal_pad(x, self.time_pad))
+
+
+class CausalConvAfterNorm(CausalConv):
+    """A `CausalConv` whose input already carries its `time_pad` zero frames (see `norm_silu_pad`).
+
+    Padding where the normalised activation is made lets the unpadded copy be freed
+    before the convolution runs: one full-size tensor less at the decoder's peak.
+    """
+
+    def construct(self, x_padded: Tensor) -> Tensor:
+        """(b, c_in, time_pad + t, h, w) -> (b, c_out, t, h', w')."""
+        return self.conv(x_padded)
+
+
+def norm_silu_pad(norm: nn.Cell, x: Tensor, frames: int) -> Tensor:
+    """silu(norm(x)) with `frames` zero frames in front: the input of a `CausalConvAfterNorm`."""
+    return causal_pad(backend.silu(norm(x)), frames)
 
 
 class FrameConv2d(nn.Cell):
@@ -282,22 +299,27 @@ class PixelUnshuffleChannelAveragingDownSampleLayer3D(nn.Cell):
 
 
 class Resnet3DBlock(nn.Cell):
-    """h = conv2(pad(silu(norm2(conv1(pad(silu(norm1(x)))))))) + shortcut(x); 1x1x1 `nin_shortcut` if widths differ."""
+    """conv2(pad(silu(norm2(conv1(pad(silu(norm1(x)))))))) + shortcut(x); 1x1x1 `nin_shortcut` if widths differ.
+
+    pad = two zero frames in front (the causal padding of the 3x3x3 convs).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, num_groups: int):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = FrameGroupNorm(num_groups, in_channels)
-        self.conv1 = CausalConv(in_channels, out_channels, 3)
+        self.conv1 = CausalConvAfterNorm(in_channels, out_channels, 3)
         self.norm2 = FrameGroupNorm(num_groups, out_channels)
-        self.conv2 = CausalConv(out_channels, out_channels, 3)
+        self.conv2 = CausalConvAfterNorm(out_channels, out_channels, 3)
         self.nin_shortcut = CausalConv(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def construct(self, x: Tensor) -> Tensor:
         """(b, in, t, h, w) -> (b, out, t, h, w)."""
-        h = self.conv1(backend.silu(self.norm1(x)))
-        shortcut = self.nin_shortcut(x) if self.nin_shortcut is not None else x
-        return self.conv2(backend.silu(self.norm2(h))) + shortcut
+        # One nested expression and the shortcut last: every intermediate is freed as soon
+        # as the next one exists (this block at full resolution is the decoder's peak).
+        h = self.conv2(norm_silu_pad(self.norm2, self.conv1(norm_silu_pad(self.norm1, x, self.conv1.time_pad)),
+                                     self.conv2.time_pad))
+        return h + (self.nin_shortcut(x) if self.nin_shortcut is not None else x)
 
 
 class AttnBlock(nn.Cell):
@@ -518,7 +540,7 @@ class VideoDecoder(nn.Cell):
             levels.append(DecoderLevel(blocks, upsample))
         self.up = nn.CellList(levels)
         self.norm_out = FrameGroupNorm(groups, ch * mult[0])
-        self.conv_out = CausalConv(ch * mult[0], out_channels, 3)
+        self.conv_out = CausalConvAfterNorm(ch * mult[0], out_channels, 3)
 
     def unpatchify(self, z: Tensor) -> Tensor:
         """(b, T, z, h, w) -> mid-block input (b, C, 2T - 1, 2h, 2w)."""
@@ -534,7 +556,7 @@ class VideoDecoder(nn.Cell):
 
     def head(self, h: Tensor) -> Tensor:
         """(b, c, 4t, H, W) -> (b, c_out, 4t - (temporal_downsample - 1), H, W)."""
-        h = self.conv_out(backend.silu(self.norm_out(h)))
+        h = self.conv_out(norm_silu_pad(self.norm_out, h, self.conv_out.time_pad))
         return h[:, :, self.temporal_downsample - 1:].contiguous()
 
     def construct(self, z: Tensor) -> Tensor:
