@@ -36,9 +36,8 @@ import math
 import os
 from typing import Optional, Sequence, Union
 
-import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from stepvideo import backend
 from stepvideo.checkpoint import PretrainedMixin
@@ -212,6 +211,7 @@ class STEP1TextEncoder(nn.Cell):
                              f"model only {self.text_encoder.padded_vocab_size} embedding rows")
 
     def construct(self, prompts: Union[str, Sequence[str]], max_length: Optional[int] = None):
-        tokens = self.text_tokenizer(prompts, max_length=max_length or self.max_length)
+        """A prompt or a list of prompts -> (y, y_mask); `max_length` overrides the constructor's."""
+        tokens = self.text_tokenizer(prompts, max_length=self.max_length if max_length is None else max_length)
         y = self.text_encoder(Tensor(tokens.input_ids))
         return y, Tensor(tokens.attention_mask)
