@@ -1,7 +1,7 @@
 """`AutoencoderKL` version 2: Step-Video's deep-compression video VAE (16x space, 8x time).
 
     vae = AutoencoderKL(z_channels=64, model_path="<ckpt>/vae/vae_v2.safetensors", version=2)
-    video = vae.decode(z)        # z (b, T, 64, h, w) -> (b, 8T/3*17.., 3, 16h, 16w), unclamped
+    video = vae.decode(z)        # z (b, T, 64, h, w) -> (b, frames, 3, 16h, 16w), unclamped
     z = vae.encode(x, generator=np.random.default_rng(0))   # x (b, frames, 3, H, W) in [-1, 1]
 
 Time is cut into independent chunks: 3 latents <-> 17 frames (the last chunk may be
