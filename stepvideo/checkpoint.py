@@ -16,6 +16,7 @@ peak is the loaded weights plus one tensor in flight.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -81,15 +82,30 @@ def weight_map(path: os.PathLike | str) -> Dict[str, Path]:
     return weight_map(singles[0])
 
 
+_NUMPY_DTYPES = {ms.float32: np.float32, ms.float16: np.float16, ms.float64: np.float64,
+                 ms.int64: np.int64, ms.int32: np.int32, ms.bool_: np.bool_}
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_bf16() -> np.dtype:
+    """MindSpore's own numpy bfloat16 type (numpy has none; ml_dtypes is not required).
+
+    Looked up on first use: running a kernel at import time would fix the device too early.
+    """
+    return Tensor(np.zeros(1, np.float32)).astype(ms.bfloat16).asnumpy().dtype
+
+
 def _to_parameter_tensor(arr: np.ndarray, stored: str, dtype: ms.dtype) -> Tensor:
     """Convert one stored tensor to `dtype` with at most one copy."""
     if stored == st.BF16 and dtype == ms.bfloat16:
-        return Tensor.from_numpy(arr.view(ms.dtype_to_nptype(ms.bfloat16)))
+        return Tensor.from_numpy(arr.view(_numpy_bf16()))
     if stored == st.BF16:
         arr = st.bf16_bits_to_f32(arr)
     if dtype == ms.bfloat16:
         return Tensor.from_numpy(np.ascontiguousarray(arr, np.float32)).astype(ms.bfloat16)
-    np_dtype = ms.dtype_to_nptype(dtype)
+    if dtype not in _NUMPY_DTYPES:
+        raise CheckpointError(f"cannot load into a parameter of dtype {dtype}")
+    np_dtype = _NUMPY_DTYPES[dtype]
     return Tensor.from_numpy(np.ascontiguousarray(arr.astype(np_dtype, copy=False)))
 
 
