@@ -13,12 +13,13 @@ with HTTP 200 and a `None`; here bad input gets a 4xx and a model failure a
 5xx, both with a JSON body {"error": "..."} that says what was wrong, and the
 service keeps serving. Checks, in order: token (if one is set), content type,
 declared and streamed body size (before the body is read past the limit),
-then the payload itself (`stepvideo.serving.wire`).
+the payload itself (`stepvideo.serving.wire`), then room in the queue for the
+model (503 when `max_waiting` requests already wait).
 
 Model work runs on one worker thread, off the event loop: the device runs one
 request at a time (two models on one accelerator at once risk running out of
-its memory, and MindSpore on CPU is not meant to run two networks from two
-threads), while /health and request parsing stay responsive.
+its memory, and we do not rely on MindSpore running two networks from two
+threads at once), while /health and request parsing stay responsive.
 """
 from __future__ import annotations
 
@@ -200,7 +201,6 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
 
     app = FastAPI(title="Step-Video caption / VAE services", docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False, lifespan=lifespan)
-    app.state.worker = worker
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
