@@ -125,6 +125,17 @@ class StepVideoPipeline:
         self.video_decoding = RemoteVae(vae_url, **client_kwargs)
         return self
 
+    def setup_local(self, model_dir: Union[str, os.PathLike], text: bool = True,
+                    vae: bool = True) -> "StepVideoPipeline":
+        """Load the text encoders and/or the VAE from `model_dir` into this process (single machine)."""
+        from stepvideo.serving.interface import LocalCaption, LocalVae
+
+        if text:
+            self.text_encoding = LocalCaption.from_model_dir(model_dir)
+        if vae:
+            self.video_decoding = LocalVae.from_model_dir(model_dir)
+        return self
+
     # ------------------------------------------------------------------ checks
 
     @staticmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def parse_header(raw: bytes, total_size: int, source: str) -> Dict[str, TensorIn
                 or not all(isinstance(o, int) for o in offsets)):
             raise SafetensorsError(f"{source}: tensor {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
-        expected = int(np.prod(shape, dtype=np.int64)) * _NP_DTYPES[dtype].itemsize
+        expected = math.prod(shape) * _NP_DTYPES[dtype].itemsize  # Python ints: no overflow
         if not 0 <= begin <= end <= data_size or end - begin != expected:
             raise SafetensorsError(
                 f"{source}: tensor {name!r} (dtype {dtype}, shape {shape}) needs {expected} bytes "
@@ -197,7 +198,9 @@ def _normalise(tensors: Mapping[str, np.ndarray], bf16: Iterable[str]) -> Dict[s
     bf16 = set(bf16)
     out = {}
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # (np.ascontiguousarray would turn 0-d arrays into 1-d)
         if name in bf16:
             bits = arr if arr.dtype == np.uint16 else f32_to_bf16_bits(arr)
             out[name] = (bits, BF16)
@@ -259,7 +262,7 @@ def from_bytes(data: bytes, source: str = "payload") -> Dict[str, Tuple[np.ndarr
     infos = header_from_bytes(data, source)
     out = {}
     for name, info in infos.items():
-        arr = np.frombuffer(data, dtype=_NP_DTYPES[info.dtype], count=int(np.prod(info.shape, dtype=np.int64)),
+        arr = np.frombuffer(data, dtype=_NP_DTYPES[info.dtype], count=math.prod(info.shape),
                             offset=info.start).reshape(info.shape).copy()
         out[name] = (arr, info.dtype)
     return out

@@ -47,6 +47,16 @@ def test_safetensors_roundtrip_matches_reference_library(tmp_path):
         np.testing.assert_array_equal(ours[k], tensors[k])
 
 
+def test_zero_dim_and_huge_shapes(tmp_path):
+    st.save_file(tmp_path / "s.safetensors", {"scalar": np.array(4.5, np.float32)})
+    out = st.load_file(tmp_path / "s.safetensors")["scalar"]
+    assert out.shape == () and out == 4.5
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}).encode()
+    data = len(header).to_bytes(8, "little") + header + b"\0" * 4
+    with pytest.raises(st.SafetensorsError, match="needs 4835703278458516698824704 bytes"):
+        st.header_from_bytes(data)
+
+
 def test_bf16_rounding_and_widening_are_exact():
     x = np.array([1.0, -2.5, 3.14159, 1e-20, 65504.0, np.inf, 1.00390625, 1.01171875], np.float32)
     bits = st.f32_to_bf16_bits(x)
