@@ -18,3 +18,18 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in a temporary directory: failed graph compiles write rank_0/ into the cwd."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The demo's tiny checkpoint (real layout, random weights), built once per session, CLIP converted."""
+    import sys
+
+    from support import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_tiny_checkpoint import convert_clip, make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "stepvideo-tiny")
+    convert_clip(out)
+    return out
