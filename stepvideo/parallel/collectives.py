@@ -13,10 +13,18 @@ Groups are created once, in one global order, by their members only (a rank
 that asks for a group it is not in dies in WaitCommInitDone on MindSpore).
 Everything is passed explicitly through a `Collectives` object: no module-level
 parallel state.
+
+Every call is accounted in `Collectives.stats` (calls, payload bytes, seconds
+per operation), so the pipeline can report its idle time and the traffic of a
+denoising step. Payload bytes are the bytes of the tensors this rank hands to
+(or, for recv and for broadcast receivers, gets from) the operation; headers are
+not counted, and an all-to-all moves (u-1)/u of its payload over the wire.
 """
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import mindspore as ms
@@ -26,8 +34,6 @@ from mindspore.mint import distributed as md
 
 from stepvideo import backend
 from stepvideo.parallel.mesh import Mesh
-
-_HEADER_LEN_DTYPE = ms.int32
 
 
 def init_process_group() -> Mesh:
@@ -39,11 +45,26 @@ def init_process_group() -> Mesh:
     return Mesh(rank=rank, world_size=world, ulysses_degree=1, pp_degree=world)
 
 
+@dataclass
+class OpStats:
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+def payload_bytes(tensors) -> int:
+    """Bytes of a tensor or of the values of a dict of tensors."""
+    if isinstance(tensors, dict):
+        return sum(payload_bytes(v) for v in tensors.values())
+    return int(np.prod(tensors.shape, dtype=np.int64)) * tensors.itemsize
+
+
 class Collectives:
     """Communication for one rank of a `Mesh`. Subclasses provide the device-specific transport."""
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
+        self.stats: Dict[str, OpStats] = {}
         self.sp_group: Optional[str] = None
         self.link_groups: Dict[int, str] = {}  # peer rank -> group name
         for ranks in mesh.sp_groups():
@@ -62,33 +83,75 @@ class Collectives:
     def _needs_link_groups(self) -> bool:
         return False
 
+    def _record(self, op: str, nbytes: int, started: float) -> None:
+        entry = self.stats.setdefault(op, OpStats())
+        entry.calls += 1
+        entry.bytes += nbytes
+        entry.seconds += time.perf_counter() - started
+
+    def snapshot(self) -> Dict[str, OpStats]:
+        """A copy of the counters (subtract two snapshots to get the traffic of a section)."""
+        return {k: OpStats(v.calls, v.bytes, v.seconds) for k, v in self.stats.items()}
+
     # ----- sequence parallel (inside this rank's stage)
 
     def sp_all_gather(self, x: Tensor, dim: int) -> Tensor:
         """Concatenate the SP group's tensors along `dim`, in SP order."""
         if self.mesh.ulysses_degree == 1:
             return x
+        started = time.perf_counter()
         parts = [ops.zeros_like(x) for _ in range(self.mesh.ulysses_degree)]
         md.all_gather(parts, x.contiguous(), group=self.sp_group)
-        return mint.cat(parts, dim=dim)
+        out = mint.cat(parts, dim=dim)
+        self._record("sp_all_gather", payload_bytes(x), started)
+        return out
 
     def sp_all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
-        """Split `x` along scatter_dim across the SP group and concatenate what arrives along gather_dim."""
+        """Split `x` along scatter_dim across the SP group and concatenate what arrives along gather_dim.
+
+        Rank i keeps chunk i of every rank's `x` (chunks are in SP order on both axes).
+        """
+        u = self.mesh.ulysses_degree
+        if u == 1:
+            return x
+        if x.shape[scatter_dim] % u:
+            raise ValueError(f"sp_all_to_all: axis {scatter_dim} of {tuple(x.shape)} is not divisible by the "
+                             f"Ulysses degree {u}")
+        started = time.perf_counter()
+        out = self._all_to_all(x, scatter_dim, gather_dim)
+        self._record("sp_all_to_all", payload_bytes(x), started)
+        return out
+
+    def _all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
         raise NotImplementedError
 
     # ----- pipeline hand-off (to the same SP position of the next/previous stage)
 
     def send(self, tensors: Dict[str, Tensor], dst: int) -> None:
-        raise NotImplementedError
+        started = time.perf_counter()
+        self._send(tensors, dst)
+        self._record("send", payload_bytes(tensors), started)
 
     def recv(self, src: int) -> Dict[str, Tensor]:
+        started = time.perf_counter()
+        out = self._recv(src)
+        self._record("recv", payload_bytes(out), started)
+        return out
+
+    def _send(self, tensors: Dict[str, Tensor], dst: int) -> None:
+        raise NotImplementedError
+
+    def _recv(self, src: int) -> Dict[str, Tensor]:
         raise NotImplementedError
 
     # ----- whole job
 
     def broadcast(self, tensors: Optional[Dict[str, Tensor]], src: int) -> Dict[str, Tensor]:
         """Every rank gets `src`'s tensors (others pass None)."""
-        return self._broadcast_dict(tensors, src, group=None)
+        started = time.perf_counter()
+        out = self._broadcast_dict(tensors, src, group=None)
+        self._record("broadcast", payload_bytes(out), started)
+        return out
 
     def barrier(self) -> None:
         md.barrier()
@@ -100,15 +163,14 @@ class Collectives:
         header = _encode_header(tensors) if is_src else None
         length = Tensor(np.array([len(header) if is_src else 0], np.int32))
         md.broadcast(length, src, group=group)
-        raw = Tensor(np.frombuffer(header, np.uint8).astype(np.int32)) if is_src else \
-            ops.zeros((int(length.asnumpy()[0]),), ms.int32)
+        raw = Tensor(np.frombuffer(header, np.uint8).copy()) if is_src else \
+            Tensor(np.zeros(int(length.asnumpy()[0]), np.uint8))
         md.broadcast(raw, src, group=group)
-        spec = json.loads(bytes(raw.asnumpy().astype(np.uint8)).decode())
         out = {}
-        for name, dtype, shape in spec:
-            buf = tensors[name].contiguous() if is_src else _empty(shape, dtype)
+        for name, dtype, shape in _decode_header(raw):
+            buf = _to_wire(tensors[name]) if is_src else _empty(shape, dtype)
             md.broadcast(buf, src, group=group)
-            out[name] = buf
+            out[name] = tensors[name] if is_src else _from_wire(buf, dtype)
         return out
 
 
@@ -116,13 +178,29 @@ def _encode_header(tensors: Dict[str, Tensor]) -> bytes:
     return json.dumps([[k, str(v.dtype), list(v.shape)] for k, v in tensors.items()]).encode()
 
 
+def _decode_header(raw: Tensor) -> list:
+    return json.loads(bytes(raw.asnumpy().astype(np.uint8)).decode())
+
+
 _DTYPES = {str(d): d for d in (ms.float32, ms.float16, ms.bfloat16, ms.int64, ms.int32, ms.uint8, ms.bool_)}
 
 
+def _to_wire(x: Tensor) -> Tensor:
+    # bool payloads fail in the CPU broadcast kernel ("Broadcast failed."); uint8 works everywhere.
+    return x.astype(ms.uint8) if x.dtype == ms.bool_ else x.contiguous()
+
+
+def _from_wire(buf: Tensor, dtype_name: str) -> Tensor:
+    return buf.astype(ms.bool_) if dtype_name == str(ms.bool_) else buf
+
+
 def _empty(shape, dtype_name: str) -> Tensor:
+    """A receive buffer in the wire dtype of `dtype_name`."""
     if dtype_name not in _DTYPES:
         raise TypeError(f"cannot transfer a tensor of dtype {dtype_name}; supported: {sorted(_DTYPES)}")
     dtype = _DTYPES[dtype_name]
+    if dtype == ms.bool_:
+        dtype = ms.uint8
     # bf16 buffers are made as fp32 zeros and cast: no bf16 `zeros` kernel on CPU
     return ops.zeros(tuple(shape), ms.float32).astype(dtype)
 
@@ -133,51 +211,47 @@ class CpuCollectives(Collectives):
     def _needs_link_groups(self) -> bool:
         return self.mesh.pp_degree > 1
 
-    def sp_all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
+    def _all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
         u = self.mesh.ulysses_degree
-        if u == 1:
-            return x
         gathered = [ops.zeros_like(x) for _ in range(u)]
         md.all_gather(gathered, x.contiguous(), group=self.sp_group)
-        mine = [mint.chunk(part, u, dim=scatter_dim)[self.mesh.sp_rank] for part in gathered]
+        mine = [mint.chunk(part, u, dim=scatter_dim)[self.mesh.sp_rank].contiguous() for part in gathered]
         return mint.cat(mine, dim=gather_dim)
 
-    def send(self, tensors: Dict[str, Tensor], dst: int) -> None:
+    def _send(self, tensors: Dict[str, Tensor], dst: int) -> None:
         self._broadcast_dict(tensors, self.mesh.rank, group=self.link_groups[dst])
 
-    def recv(self, src: int) -> Dict[str, Tensor]:
+    def _recv(self, src: int) -> Dict[str, Tensor]:
         return self._broadcast_dict(None, src, group=self.link_groups[src])
 
 
 class NativeCollectives(Collectives):
     """Ascend: HCCL all-to-all and point-to-point transfers."""
 
-    def sp_all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
+    def _all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
         u = self.mesh.ulysses_degree
-        if u == 1:
-            return x
         inputs = [part.contiguous() for part in mint.chunk(x, u, dim=scatter_dim)]
         outputs = [ops.zeros_like(inputs[0]) for _ in range(u)]
         md.all_to_all(outputs, inputs, group=self.sp_group)
         return mint.cat(outputs, dim=gather_dim)
 
-    def send(self, tensors: Dict[str, Tensor], dst: int) -> None:
+    def _send(self, tensors: Dict[str, Tensor], dst: int) -> None:
         header = _encode_header(tensors)
         md.send(Tensor(np.array([len(header)], np.int32)), dst)
-        md.send(Tensor(np.frombuffer(header, np.uint8).astype(np.int32)), dst)
+        md.send(Tensor(np.frombuffer(header, np.uint8).copy()), dst)
         for value in tensors.values():
-            md.send(value.contiguous(), dst)
+            md.send(_to_wire(value), dst)
 
-    def recv(self, src: int) -> Dict[str, Tensor]:
+    def _recv(self, src: int) -> Dict[str, Tensor]:
         length = Tensor(np.zeros(1, np.int32))
         md.recv(length, src)
-        raw = Tensor(np.zeros(int(length.asnumpy()[0]), np.int32))
+        raw = Tensor(np.zeros(int(length.asnumpy()[0]), np.uint8))
         md.recv(raw, src)
         out = {}
-        for name, dtype, shape in json.loads(bytes(raw.asnumpy().astype(np.uint8)).decode()):
+        for name, dtype, shape in _decode_header(raw):
             buf = _empty(shape, dtype)
             md.recv(buf, src)
-            out[name] = buf
+            out[name] = _from_wire(buf, dtype)
         return out
 
 

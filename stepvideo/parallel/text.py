@@ -1,0 +1,36 @@
+"""Text encoding for a distributed job: one rank asks the caption encoder, every rank gets the arrays.
+
+The caption service (or the in-process encoder) is expensive and must see each
+prompt once, not once per rank; `BroadcastTextEncoding` has the same `encode`
+method as the encoders, so `StepVideoPipeline` uses it unchanged on every rank.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from mindspore import Tensor
+
+from stepvideo.parallel.collectives import Collectives
+from stepvideo.serving.interface import CaptionOutput, TextEncoding
+
+
+class BroadcastTextEncoding(TextEncoding):
+    """Rank `src` encodes with `encoder` (other ranks pass None); the arrays are broadcast to all ranks."""
+
+    def __init__(self, encoder: Optional[TextEncoding], collectives: Collectives, src: int = 0):
+        is_src = collectives.mesh.rank == src
+        if is_src and encoder is None:
+            raise ValueError(f"BroadcastTextEncoding: rank {src} encodes, so it needs an encoder")
+        self.encoder = encoder if is_src else None
+        self.collectives = collectives
+        self.src = src
+
+    def encode(self, prompts: Sequence[str]) -> CaptionOutput:
+        mine = None
+        if self.encoder is not None:
+            out = self.encoder.encode(prompts)
+            mine = {name: Tensor.from_numpy(np.ascontiguousarray(arr)) for name, arr in out.as_dict().items()}
+        got = self.collectives.broadcast(mine, self.src)
+        return CaptionOutput(y=got["y"].asnumpy(), y_mask=got["y_mask"].asnumpy(),
+                             clip_embedding=got["clip_embedding"].asnumpy())
