@@ -1,0 +1,86 @@
+"""Command-line flags of `run_parallel.py`, with the original's names and defaults.
+
+Kept from the original (stepvideo/config.py): --model_dir --vae_url --caption_url
+--ulysses_degree --prompt --infer_steps --cfg_scale --time_shift --num_frames
+--height --width --seed --save_path --name_suffix --num_videos --pos_magic
+--neg_magic. Added: --pp_degree and --layer_split (pipeline stages), --local_models,
+--output_type, --latents_out, --device, --stats_dir.
+
+Not kept: --ring_degree and --tensor_parallel_degree (not implemented here: a
+value other than 1 would silently do something else), and the original's
+parsed-but-unused --flow_reverse, --flow_solver, --model_resolution,
+--use-cpu-offload and --batch_size.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional, Sequence
+
+POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
+NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
+
+
+def layer_split(text: str) -> List[int]:
+    """'20,28' -> [20, 28] (blocks per pipeline stage)."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block counts such as 20,28, got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"every stage needs at least one block, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Step-Video-T2V inference (msrun entry point: DiT split over "
+                                                 "pipeline stages x Ulysses sequence parallelism)")
+
+    models = parser.add_argument_group("models and services")
+    models.add_argument("--model_dir", type=str, default="./ckpts",
+                        help="model folder: model_index.json, transformer/, scheduler/ (and step_llm/, "
+                             "hunyuan_clip/, vae/ with --local_models)")
+    models.add_argument("--vae_url", type=str, default="127.0.0.1", help="VAE service: host, host:port or URL")
+    models.add_argument("--caption_url", type=str, default="127.0.0.1",
+                        help="caption (text encoder) service: host, host:port or URL")
+    models.add_argument("--local_models", action="store_true",
+                        help="run the text encoders and the VAE in-process on rank 0 (from --model_dir) instead "
+                             "of calling the services")
+
+    schedule = parser.add_argument_group("denoising schedule")
+    schedule.add_argument("--time_shift", type=float, default=13.0,
+                          help="flow-matching shift (default 13.0 as the original README recommends; the "
+                               "original config.py defaulted to 7.0, which gives worse videos; turbo: 17.0)")
+    schedule.add_argument("--infer_steps", type=int, default=50, help="denoising steps")
+    schedule.add_argument("--cfg_scale", type=float, default=9.0, help="classifier-free guidance scale")
+
+    inference = parser.add_argument_group("inference")
+    inference.add_argument("--prompt", type=str, default=None, help="the text prompt (required)")
+    inference.add_argument("--num_frames", type=int, default=204, help="frames (rounded down to a multiple of 17)")
+    inference.add_argument("--height", type=int, default=544, help="height (rounded down to a multiple of 16)")
+    inference.add_argument("--width", type=int, default=992, help="width (rounded down to a multiple of 16)")
+    inference.add_argument("--seed", type=int, default=1234, help="seed of the initial noise")
+    inference.add_argument("--num_videos", type=int, default=1, help="videos per prompt")
+    inference.add_argument("--pos_magic", type=str, default=POS_MAGIC, help="appended to the prompt")
+    inference.add_argument("--neg_magic", type=str, default=NEG_MAGIC, help="the negative prompt")
+    inference.add_argument("--save_path", type=str, default="./results", help="folder for the videos")
+    inference.add_argument("--name_suffix", type=str, default="", help="suffix of the video file names")
+    inference.add_argument("--output_type", choices=("mp4", "latent"), default="mp4",
+                           help="mp4: decode and write the video on rank 0; latent: stop after denoising")
+    inference.add_argument("--latents_out", type=str, default=None,
+                           help="rank 0 also writes the final latents to this .safetensors file (key 'latents')")
+
+    parallel = parser.add_argument_group("parallelism and device")
+    parallel.add_argument("--ulysses_degree", type=int, default=8,
+                          help="ranks per pipeline stage splitting the video tokens (must divide the heads)")
+    parallel.add_argument("--pp_degree", type=int, default=1, help="pipeline stages")
+    parallel.add_argument("--layer_split", type=layer_split, default=None,
+                          help="blocks per stage, e.g. 20,28 (default: balanced)")
+    parallel.add_argument("--device", choices=("auto", "cpu", "ascend"), default="auto",
+                          help="auto: Ascend when available, else CPU (fp32)")
+    parallel.add_argument("--stats_dir", type=str, default=None,
+                          help="each rank writes rank<r>.json here: weights loaded, memory, idle time, traffic")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None):
+    return build_parser().parse_args(argv, namespace=namespace)
