@@ -18,12 +18,14 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import subprocess
 import unicodedata
 from pathlib import Path
 import numpy as np
 
 FPS = 25
 CODEC = "libx264"
+CRF = "25"  # imageio's default quality 5, as the original wrote its videos
 # The original's temporal denoise filter.
 FFMPEG_PARAMS = ["-vf", "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"]
 STANDARD_540P = (540, 960)  # (short side, long side)
@@ -67,23 +69,56 @@ def safe_stem(text: str, max_chars: int = MAX_NAME_CHARS) -> str:
     return text or "video"
 
 
-def write_mp4(frames: np.ndarray, path: os.PathLike | str, fps: int = FPS) -> Path:
-    """Write uint8 frames (n, H, W, 3) atomically: temporary file in the same folder, then rename."""
-    import imageio
+def _run_ffmpeg(args, stdin=None) -> subprocess.CompletedProcess:
+    """Run the ffmpeg that imageio-ffmpeg ships (no system ffmpeg needed).
 
+    Started in its own process group (as imageio-ffmpeg does, so Ctrl-C reaches only
+    us) but through `process_group=0` rather than a `preexec_fn`: that lets Python
+    use vfork, and a plain fork of a MindSpore process with many GB of reserved
+    memory fails with ENOMEM under the kernel's overcommit heuristics.
+    """
+    import imageio_ffmpeg
+
+    return subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", *args], input=stdin,
+                          capture_output=True, process_group=0, check=False)
+
+
+def write_mp4(frames: np.ndarray, path: os.PathLike | str, fps: int = FPS) -> Path:
+    """Write uint8 frames (n, H, W, 3) atomically: temporary file in the same folder, then rename.
+
+    The encoder settings are those imageio's writer used in the original (libx264,
+    yuv420p, quality 5 = crf 25) plus the original's denoise filter.
+    """
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"frames must be (n, H, W, 3) uint8 with n >= 1, got shape {frames.shape}")
+    n, h, w, _ = frames.shape
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
-        with imageio.get_writer(tmp, fps=fps, codec=CODEC, ffmpeg_params=FFMPEG_PARAMS,
-                                macro_block_size=1) as writer:
-            for frame in frames:
-                writer.append_data(frame)
+        done = _run_ffmpeg(["-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
+                            "-r", str(fps), "-i", "-", "-an", "-vcodec", CODEC, "-pix_fmt", "yuv420p", "-crf", CRF,
+                            "-v", "error", *FFMPEG_PARAMS, str(tmp)], stdin=frames.tobytes())
+        if done.returncode != 0:
+            raise RuntimeError(f"ffmpeg could not write {path}: {done.stderr.decode(errors='replace').strip()}")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def read_mp4(path: os.PathLike | str) -> tuple[np.ndarray, float]:
+    """Frames (n, H, W, 3) uint8 and fps of a video file (used by tests and the demo check)."""
+    done = _run_ffmpeg(["-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-v", "info", "pipe:1"])
+    info = done.stderr.decode(errors="replace")
+    stream = re.search(r"Stream #\S+: Video: .*?, (\d+)x(\d+)[, ].*?, ([\d.]+) fps", info)
+    if done.returncode != 0 or stream is None:
+        raise RuntimeError(f"ffmpeg could not read {path}: {info.strip()[-500:]}")
+    w, h, fps = int(stream.group(1)), int(stream.group(2)), float(stream.group(3))
+    frames = np.frombuffer(done.stdout, np.uint8)
+    return frames.reshape(-1, h, w, 3), fps
 
 
 class VideoProcessor:
@@ -112,14 +147,4 @@ class VideoProcessor:
         path = write_mp4(frames, self.output_path(output_file_name, output_type))
         print(f"Saved the generated video in {path}", flush=True)
         return path
-
-
-def read_mp4(path: os.PathLike | str) -> tuple[np.ndarray, float]:
-    """Frames (n, H, W, 3) uint8 and fps of an mp4 (used by tests and the demo check)."""
-    import imageio
-
-    with imageio.get_reader(path) as reader:
-        fps = float(reader.get_meta_data()["fps"])
-        frames = np.stack([f for f in reader])
-    return frames, fps
 

@@ -55,3 +55,32 @@ def test_mp4_written_atomically_and_read_back(tmp_path):
     assert not list((tmp_path / "out").glob(".*partial*")), "no temporary file may remain"
     frames, fps = read_mp4(first)
     assert frames.shape == (17, 32, 48, 3) and fps == 25.0
+
+
+BIG_PROCESS = """
+import ctypes, sys
+import numpy as np
+from stepvideo.utils.video_process import read_mp4, write_mp4
+libc = ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+# Reserve (without touching) as much private memory as the machine has, like a MindSpore
+# process with large pools: a plain fork of such a process fails with ENOMEM.
+reserved = [libc.mmap(None, 2 << 30, 3, 0x22, -1, 0) for _ in range(16)]
+frames = np.zeros((3, 16, 16, 3), np.uint8)
+path = write_mp4(frames, sys.argv[1])
+print(read_mp4(path)[0].shape)
+"""
+
+
+def test_mp4_io_works_from_a_process_with_huge_reserved_memory(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    out = subprocess.run([sys.executable, "-c", BIG_PROCESS, str(tmp_path / "v.mp4")], capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(3, 16, 16, 3)"
