@@ -1,0 +1,220 @@
+"""The distributed DiT under real msrun jobs, on the tiny checkpoint (6 heads, 6 blocks), CPU fp32.
+
+One checkpoint and two single-process references serve every job:
+- video A: 1 latent frame of 5 x 7 = 35 tokens (no Ulysses degree divides it: padding);
+- video C: 1 latent frame of 2 x 5 = 10 tokens (divisible by 2).
+Each layout's final latents (rank 0 writes them) must equal the single-process
+run within 1e-5 relative for the same seed. The 4-rank job also checks the
+per-rank weight memory, the counted traffic against `step_traffic`, and the
+pipeline idle time. Failure jobs check that a raising rank or a bad layout ends
+the job quickly with the error on the console. Every job runs in a temp folder;
+no process may survive it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msrun_support import ROOT, job_env, leftover_processes, run_msrun, run_single
+from stepvideo.utils import safetensors_io as st
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+RUN_PARALLEL = ROOT / "run_parallel.py"
+LAYERS = 6
+PROMPT = "A cat walks on the grass, realistic style."
+VIDEOS = {  # name -> (num_frames, height, width) flags; 1 frame gives 1 latent frame
+    "A": ("1", "80", "112"),  # 5 x 7 latents = 35 tokens
+    "C": ("1", "32", "80"),  # 2 x 5 latents = 10 tokens
+}
+STEPS = 2
+FIRST_STAGE_KEYS = ("pos_embed.", "adaln_single.", "caption_projection.", "clip_projection.")
+LAST_STAGE_KEYS = ("proj_out.", "scale_shift_table")
+PARITY = 1e-5  # max|parallel - single| <= PARITY * max(1, max|single|)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parallel_dit")
+    yield path
+    left = leftover_processes(str(path))
+    for pid, _ in left:
+        subprocess.run(["kill", "-9", str(pid)], check=False)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir) -> Path:
+    """The lead's complete tiny model folder (6 DiT blocks), CLIP converted as a user would."""
+    out = workdir / "tiny"
+    env = job_env()
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(out),
+                    "--layers", str(LAYERS)], check=True, env=env, capture_output=True, timeout=120)
+    clip = out / "hunyuan_clip" / "clip_text_encoder"
+    subprocess.run([sys.executable, str(ROOT / "convert.py"), "--pt_filename", str(clip / "pytorch_model.bin"),
+                    "--sf_filename", str(clip / "model.safetensors"), "--config_path", str(clip / "config.json")],
+                   check=True, env=env, capture_output=True, timeout=120)
+    return out
+
+
+def run_args(model_dir: Path, video: str, latents: Path, *layout: str, stats: Path = None) -> list:
+    frames, height, width = VIDEOS[video]
+    args = ["--model_dir", str(model_dir), "--local_models", "--prompt", PROMPT, "--infer_steps", str(STEPS),
+            "--num_frames", frames, "--height", height, "--width", width, "--seed", "42",
+            "--output_type", "latent", "--latents_out", str(latents), "--device", "cpu", *layout]
+    return args + (["--stats_dir", str(stats)] if stats else [])
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, workdir):
+    """Single-process final latents per video (run_parallel.py without msrun)."""
+    out = {}
+    for video in VIDEOS:
+        path = workdir / f"single_{video}.safetensors"
+        job = run_single(RUN_PARALLEL, run_args(model_dir, video, path, "--ulysses_degree", "1"), workdir)
+        assert job.returncode == 0, job.console[-3000:]
+        out[video] = st.load_file(path)["latents"]
+    return out
+
+
+def run_layout(model_dir, workdir, name, video, workers, *layout, stats=None):
+    latents = workdir / f"{name}.safetensors"
+    job = run_msrun(RUN_PARALLEL, run_args(model_dir, video, latents, *layout, stats=stats), workers, workdir)
+    print(f"{name}: msrun job of {workers} workers took {job.seconds:.1f} s")
+    assert job.returncode == 0, job.console[-5000:]
+    return job, st.load_file(latents)["latents"]
+
+
+def assert_close(name, port, ref):
+    assert port.shape == ref.shape, f"{name}: shape {port.shape} != {ref.shape}"
+    err = float(np.abs(port.astype(np.float64) - ref).max() / max(1.0, float(np.abs(ref).max())))
+    print(f"parity {name}: {err:.2e} (max |latent| {np.abs(ref).max():.2f})")
+    assert err <= PARITY, f"{name}: relative error {err:.2e} > {PARITY:.0e}"
+
+
+# ---------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("name, video, workers, layout", [
+    ("sp2", "C", 2, ("--ulysses_degree", "2", "--pp_degree", "1")),
+    ("pp2", "A", 2, ("--ulysses_degree", "1", "--pp_degree", "2")),
+    ("sp3", "A", 3, ("--ulysses_degree", "3", "--pp_degree", "1")),
+    ("pp3_uneven", "A", 3, ("--ulysses_degree", "1", "--pp_degree", "3", "--layer_split", "1,3,2")),
+])
+def test_layout_matches_single_process(model_dir, workdir, single, name, video, workers, layout):
+    job, latents = run_layout(model_dir, workdir, name, video, workers, *layout)
+    assert_close(name, latents, single[video])
+    if "--layer_split" in layout:
+        logs = "".join(job.worker_log(r) for r in range(workers))
+        for rank, holds in enumerate(["input embeddings + blocks 0-0", "blocks 1-3", "blocks 4-5 + output layer"]):
+            assert f"rank {rank} (stage {rank} of 3, sp rank 0 of 1) holds {holds}" in logs
+
+
+def checkpoint_bytes(model_dir: Path):
+    """fp32 bytes per parameter, from the checkpoint's own headers (independent of the code under test)."""
+    sizes = {}
+    folder = model_dir / "transformer"
+    for shard in folder.glob("*.safetensors"):
+        with st.SafetensorsFile(shard) as f:
+            for key, info in f.tensors.items():
+                sizes[key] = int(np.prod(info.shape)) * 4
+    return sizes
+
+
+def test_sp2_pp2_parity_memory_traffic_idle(model_dir, workdir, single):
+    from stepvideo.checkpoint import read_config
+    from stepvideo.config import NEG_MAGIC, POS_MAGIC
+    from stepvideo.parallel.pipeline import step_traffic
+    from stepvideo.serving.interface import LocalCaption
+
+    stats_dir = workdir / "stats_sp2pp2"
+    job, latents = run_layout(model_dir, workdir, "sp2pp2", "A", 4, "--ulysses_degree", "2", "--pp_degree", "2",
+                              stats=stats_dir)
+    assert_close("sp2 x pp2", latents, single["A"])
+    stats = [json.loads((stats_dir / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [(s["stage"], s["sp_rank"]) for s in stats] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    # Weight memory: each rank's RSS growth from loading <= 1/P of the model + its own embeddings.
+    sizes = checkpoint_bytes(model_dir)
+    model = sum(sizes.values())
+    for s in stats:
+        lo, hi = s["blocks"]
+        blocks = sum(v for k, v in sizes.items()
+                     if k.startswith("transformer_blocks.") and lo <= int(k.split(".")[1]) < hi)
+        inputs = sum(v for k, v in sizes.items() if s["first"] and k.startswith(FIRST_STAGE_KEYS))
+        outputs = sum(v for k, v in sizes.items() if s["last"] and k.startswith(LAST_STAGE_KEYS))
+        assert s["load"]["bytes"] == blocks + inputs + outputs, s
+        growth = s["load"]["rss_growth"]
+        limit = model / 2 + inputs + outputs
+        print(f"rank {s['rank']}: weight RSS growth {growth / 2**20:.1f} MiB = {growth / model:.3f} of the model "
+              f"({model / 2**20:.1f} MiB); limit 1/P of the model + own embeddings = {limit / 2**20:.1f} MiB")
+        assert growth <= limit
+
+    # Traffic of the last denoising step, counted by the collectives, equals the formula.
+    cfg = read_config(model_dir / "transformer")
+    text = LocalCaption.from_model_dir(model_dir).encode([PROMPT + POS_MAGIC, NEG_MAGIC])
+    text_tokens = int(text.y_mask.sum(axis=1).max())
+    expected = step_traffic(cfg, (1, 1, cfg["in_channels"], 5, 7), text_tokens, 2, 2, itemsize=4)
+    for s in stats:
+        counted = {op: v["bytes"] for op, v in s["traffic_last_step"].items()}
+        assert counted == expected[s["stage"]], (s["rank"], counted, expected[s["stage"]])
+
+    # Idle time: with 2 micro-batches and 2 equal stages the bubble is about 1/3 of a step.
+    for s in stats:
+        t = s["timing"]
+        print(f"rank {s['rank']} (stage {s['stage']}): idle {t['idle_fraction']:.2f}, pipeline wait "
+              f"{t['pipeline_wait_s']:.2f} s, sp comm {t['sp_comm_s']:.2f} s, compute {t['compute_s']:.2f} s "
+              f"over {t['calls']} steps")
+        assert 0.0 < t["idle_fraction"] < 0.8
+        assert t["calls"] == STEPS
+
+
+# ---------------------------------------------------------------------------------- failures
+
+
+def test_a_raising_rank_ends_the_job_fast_with_its_error(model_dir, workdir):
+    driver = workdir / "fail_on_rank1.py"
+    driver.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from stepvideo.modules.model import StepVideoModel
+        from stepvideo.parallel import runner
+
+        block_forward = StepVideoModel.block_forward
+
+        def failing(self, *args, **kwargs):
+            if os.environ.get("RANK_ID") == "1":
+                raise RuntimeError("injected failure on rank 1")
+            return block_forward(self, *args, **kwargs)
+
+        StepVideoModel.block_forward = failing
+        sys.exit(runner.main())
+    """))
+    job = run_msrun(driver, run_args(model_dir, "A", workdir / "never.safetensors", "--ulysses_degree", "1",
+                                     "--pp_degree", "2"), 2, workdir, timeout=120)
+    print(f"failing job: rc {job.returncode} after {job.seconds:.1f} s")
+    assert job.returncode != 0
+    assert job.seconds < 60
+    first_error = re.search(r"\[(rank \d+|scheduler)\] error", job.console)
+    assert first_error and first_error.group(1) == "rank 1", job.console[-3000:]
+    assert "RuntimeError: injected failure on rank 1" in job.console
+    assert not (workdir / "never.safetensors").exists()
+
+
+def test_bad_layout_stops_at_start_up_with_the_possible_layouts(model_dir, workdir):
+    job = run_msrun(RUN_PARALLEL, run_args(model_dir, "A", workdir / "never.safetensors", "--ulysses_degree", "4",
+                                           "--pp_degree", "1"), 2, workdir, timeout=120)
+    print(f"bad layout: rc {job.returncode} after {job.seconds:.1f} s")
+    assert job.returncode != 0
+    assert job.seconds < 30
+    assert "ulysses_degree x pp_degree = 4 x 1 = 4, but the job has 2 rank(s)" in job.console
+    assert "ulysses_degree 4 does not divide the 6 attention heads" in job.console
+    assert ("possible layouts are: --ulysses_degree 1 --pp_degree 2, --ulysses_degree 2 --pp_degree 1"
+            in job.console)
