@@ -62,16 +62,17 @@ def run_msrun(script: Path, args: Sequence[str], workers: int, workdir: Path, ti
     log_dir = workdir / f"logs-{time.monotonic_ns()}"
     cmd = [str(MSRUN), f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
            "--join=True", "--cluster_time_out=60", f"--log_dir={log_dir}", str(script), *args]
-    return _run(cmd, workdir, timeout, env, log_dir)
+    return run_command(cmd, workdir, timeout, env, log_dir)
 
 
 def run_single(script: Path, args: Sequence[str], workdir: Path, timeout: float = 120,
                env: Optional[Dict[str, str]] = None) -> Job:
     """The same script in one plain process (no msrun)."""
-    return _run([sys.executable, str(script), *args], workdir, timeout, env, workdir)
+    return run_command([sys.executable, str(script), *args], workdir, timeout, env, workdir)
 
 
-def _run(cmd, workdir: Path, timeout: float, env, log_dir: Path) -> Job:
+def run_command(cmd: Sequence[str], workdir: Path, timeout: float, env: Optional[Dict[str, str]], log_dir: Path) -> Job:
+    """Run `cmd` (msrun, a launcher script, ...) in `workdir`; kills its whole process tree on timeout."""
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=workdir, env=job_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace")

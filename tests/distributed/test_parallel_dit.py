@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msrun_support import ROOT, job_env, leftover_processes, run_msrun, run_single
+from msrun_support import ROOT, free_port, job_env, leftover_processes, run_command, run_msrun, run_single
 from stepvideo.utils import safetensors_io as st
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -104,7 +104,6 @@ def assert_close(name, port, ref):
 
 @pytest.mark.parametrize("name, video, workers, layout", [
     ("sp2", "C", 2, ("--ulysses_degree", "2", "--pp_degree", "1")),
-    ("pp2", "A", 2, ("--ulysses_degree", "1", "--pp_degree", "2")),
     ("sp3", "A", 3, ("--ulysses_degree", "3", "--pp_degree", "1")),
     ("pp3_uneven", "A", 3, ("--ulysses_degree", "1", "--pp_degree", "3", "--layer_split", "1,3,2")),
 ])
@@ -115,6 +114,35 @@ def test_layout_matches_single_process(model_dir, workdir, single, name, video, 
         logs = "".join(job.worker_log(r) for r in range(workers))
         for rank, holds in enumerate(["input embeddings + blocks 0-0", "blocks 1-3", "blocks 4-5 + output layer"]):
             assert f"rank {rank} (stage {rank} of 3, sp rank 0 of 1) holds {holds}" in logs
+
+
+def test_launcher_script_runs_pp2(model_dir, workdir, single):
+    """scripts/run_parallel.sh (free port, log folder) with ULYSSES=1 PP=2 on CPU."""
+    latents = workdir / "launcher_pp2.safetensors"
+    log_dir = workdir / "launcher_logs"
+    args = run_args(model_dir, "A", latents)
+    args = args[:args.index("--device")] + args[args.index("--device") + 2:]  # the script passes DEVICE
+    env = {"MODEL_DIR": str(model_dir), "ULYSSES": "1", "PP": "2", "DEVICE": "cpu", "LOG_DIR": str(log_dir)}
+    job = run_command(["bash", str(ROOT / "scripts" / "run_parallel.sh"), *args[2:]], workdir, 240, env, log_dir)
+    print(f"launcher pp2: {job.seconds:.1f} s")
+    assert job.returncode == 0, job.console[-5000:]
+    assert f"logs in {log_dir}" in job.console
+    assert_close("pp2 (launcher)", st.load_file(latents)["latents"], single["A"])
+    assert "holds input embeddings + blocks 0-2" in job.worker_log(0)
+    assert "holds blocks 3-5 + output layer" in job.worker_log(1)
+
+
+def test_launcher_refuses_a_busy_port_at_once(workdir):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", free_port()))
+        busy.listen()
+        port = busy.getsockname()[1]
+        job = run_command(["bash", str(ROOT / "scripts" / "run_parallel.sh"), "--prompt", "x"], workdir, 60,
+                          {"MASTER_PORT": str(port), "DEVICE": "cpu"}, workdir)
+    assert job.returncode != 0 and job.seconds < 20
+    assert f"MASTER_PORT={port} is already in use" in job.console
 
 
 def checkpoint_bytes(model_dir: Path):
