@@ -117,11 +117,13 @@ def test_layout_matches_single_process(model_dir, workdir, single, name, video, 
 
 
 def test_launcher_script_runs_pp2(model_dir, workdir, single):
-    """scripts/run_parallel.sh (free port, log folder) with ULYSSES=1 PP=2 on CPU."""
+    """scripts/run_parallel.sh (free port, log folder) with ULYSSES=1 PP=2 on CPU, writing the mp4 on rank 0."""
     latents = workdir / "launcher_pp2.safetensors"
     log_dir = workdir / "launcher_logs"
     args = run_args(model_dir, "A", latents)
     args = args[:args.index("--device")] + args[args.index("--device") + 2:]  # the script passes DEVICE
+    args[args.index("--output_type") + 1] = "mp4"  # rank 0 decodes with the tiny VAE and writes the video
+    args += ["--save_path", str(workdir / "videos")]
     env = {"MODEL_DIR": str(model_dir), "ULYSSES": "1", "PP": "2", "DEVICE": "cpu", "LOG_DIR": str(log_dir)}
     job = run_command(["bash", str(ROOT / "scripts" / "run_parallel.sh"), *args[2:]], workdir, 240, env, log_dir)
     print(f"launcher pp2: {job.seconds:.1f} s")
@@ -130,6 +132,9 @@ def test_launcher_script_runs_pp2(model_dir, workdir, single):
     assert_close("pp2 (launcher)", st.load_file(latents)["latents"], single["A"])
     assert "holds input embeddings + blocks 0-2" in job.worker_log(0)
     assert "holds blocks 3-5 + output layer" in job.worker_log(1)
+    videos = list((workdir / "videos").glob("*.mp4"))
+    assert len(videos) == 1 and videos[0].stat().st_size > 0, videos
+    assert f"video written to {videos[0]}" in job.worker_log(0)
 
 
 def test_launcher_refuses_a_busy_port_at_once(workdir):
