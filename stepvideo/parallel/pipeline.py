@@ -187,34 +187,41 @@ class DistributedDiT:
 
     # ------------------------------------------------------------------ call
 
-    def __call__(self, hidden_states: Tensor, timestep: Tensor = None, encoder_hidden_states: Tensor = None,
-                 encoder_attention_mask: Tensor = None, encoder_hidden_states_2: Optional[Tensor] = None,
-                 return_dict: bool = True):
-        """Same inputs as `StepVideoModel`; every rank returns the (b, f, c_out, h, w) prediction."""
+    def __call__(self, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+                 encoder_hidden_states_2: Optional[Tensor] = None, timestep: Optional[Tensor] = None,
+                 encoder_attention_mask: Optional[Tensor] = None, return_dict: bool = True):
+        """Same inputs as `StepVideoModel`; every rank returns the (b, f, c_out, h, w) prediction.
+
+        Only the first stage reads the inputs (the others take their micro-batches from the
+        previous stage); every rank must call with the same batch size.
+        """
         started = time.perf_counter()
         before = self.collectives.snapshot()
         wait = 0.0
-        batch = hidden_states.shape[0]
         if self.plan.first:
             e = self.model.embed(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                                  encoder_hidden_states_2)
         outputs = []
-        for row in range(batch):  # micro-batches of one row
+        for row in range(hidden_states.shape[0]):  # micro-batches of one row
             if self.plan.first:
                 act = self._stage_input(e, row)
             else:
                 t0 = time.perf_counter()
                 act = self.collectives.recv(self.mesh.prev_rank)
                 wait += time.perf_counter() - t0
-            act["hidden"] = self._run_blocks(act)
+            frames, height, width = (int(v) for v in act["grid_size"].asnumpy())
+            split = self._split_for(frames * height * width)
+            act["hidden"] = self.model.block_forward(act["hidden"], act["text"], act["modulation"],
+                                                     act["rope_grid"], act["text_mask"], blocks=self.plan.blocks)
             if not self.plan.last:
                 t0 = time.perf_counter()
                 self.collectives.send(act, self.mesh.next_rank)
                 wait += time.perf_counter() - t0
-            else:
-                output = self._output(act)
-                if output is not None:
-                    outputs.append(output)
+                continue
+            # Last stage: gather the shards and drop the padding; its first rank runs the output layer.
+            hidden = split.unpad(self.collectives.sp_all_gather(act["hidden"], dim=1))
+            if self.mesh.rank == self.mesh.last_stage_root:
+                outputs.append(self.model.final_layer(hidden, act["embedded_timestep"], frames, height, width))
 
         t0 = time.perf_counter()
         prediction = self._publish(outputs)
@@ -239,7 +246,7 @@ class DistributedDiT:
         return self._split
 
     def _stage_input(self, e: Embedded, row: int) -> Dict[str, Tensor]:
-        """This SP rank's share of micro-batch `row`, as it travels between stages."""
+        """This SP rank's share of micro-batch `row`, as it travels from stage to stage."""
         tokens = e.frames * e.height * e.width
         split = self._split_for(tokens)
         me = self.mesh.sp_rank
@@ -253,24 +260,9 @@ class DistributedDiT:
             "text": take(e.encoder_hidden_states),  # (1, L, D)
             "text_mask": mask,  # (1, 1 | n/u, L)
             "modulation": take(e.timestep),  # (1, 6D)
-            "embedded_timestep": take(e.embedded_timestep),  # (1, D)
+            "embedded_timestep": take(e.embedded_timestep),  # (1, D), for the output layer
             "grid_size": Tensor(np.array([e.frames, e.height, e.width], np.int32)),
         }
-
-    def _run_blocks(self, act: Dict[str, Tensor]) -> Tensor:
-        frames, height, width = (int(v) for v in act["grid_size"].asnumpy())
-        self._split_for(frames * height * width)
-        return self.model.block_forward(act["hidden"], act["text"], act["modulation"], act["rope_grid"],
-                                        act["text_mask"], blocks=self.plan.blocks)
-
-    def _output(self, act: Dict[str, Tensor]) -> Optional[Tensor]:
-        """Last stage: gather the shards, drop the padding; the first SP rank runs the output layer."""
-        frames, height, width = (int(v) for v in act["grid_size"].asnumpy())
-        split = self._split_for(frames * height * width)
-        hidden = split.unpad(self.collectives.sp_all_gather(act["hidden"], dim=1))
-        if self.mesh.rank != self.mesh.last_stage_root:
-            return None
-        return self.model.final_layer(hidden, act["embedded_timestep"], frames, height, width)
 
     def _publish(self, outputs: List[Tensor]) -> Tensor:
         """The last stage's root sends the whole batch's prediction to every rank."""
@@ -293,7 +285,7 @@ def step_traffic(config: Mapping, latent_shape: Sequence[int], text_tokens: int,
     ignored: `batch` rows go through the DiT, 2 with classifier-free guidance); text_tokens:
     the text length after truncation to the longest valid row (<= 77 + 320); itemsize: bytes
     per activation value (2 for bf16). Mirrors the shapes DistributedDiT sends (see
-    `_stage_input`, `UlyssesAttention`, `_output`, `_publish`), counted as in `Collectives.stats`.
+    `_stage_input`, `UlyssesAttention`, `__call__`, `_publish`), counted as in `Collectives.stats`.
     """
     _, frames, _, h, w = latent_shape
     p = config["patch_size"]

@@ -195,3 +195,15 @@ def test_startup_checks_run_before_joining_a_job(tmp_path, monkeypatch):
                                            "--ulysses_degree 6 --pp_degree 1"):
         check_startup(parse_args(["--model_dir", folder, "--prompt", "x", "--ulysses_degree", "4",
                                   "--pp_degree", "1"]))
+
+
+def test_distributed_dit_has_the_model_call_signature():
+    """The pipeline calls the DiT by keyword, but positional callers must see the same order too."""
+    import inspect
+
+    from stepvideo.parallel.pipeline import DistributedDiT
+
+    model = inspect.signature(StepVideoModel.construct).parameters
+    dit = inspect.signature(DistributedDiT.__call__).parameters
+    assert list(dit) == list(model)
+    assert [p.default for p in dit.values()] == [p.default for p in model.values()]
