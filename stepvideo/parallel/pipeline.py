@@ -37,7 +37,7 @@ import gc
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import mindspore as ms
@@ -59,7 +59,6 @@ FIRST_STAGE_MODULES = ("pos_embed.", "adaln_single.", "caption_norm.", "caption_
 LAST_STAGE_MODULES = ("norm_out.", "proj_out.")
 LAST_STAGE_PARAMETERS = ("scale_shift_table",)
 SP_COLLECTIVES = ("sp_all_to_all", "sp_all_gather")
-PIPELINE_COLLECTIVES = ("send", "recv", "broadcast")
 
 
 @dataclass(frozen=True)
