@@ -116,8 +116,10 @@ def gelu_tanh(x: Tensor) -> Tensor:
     """GELU with the tanh approximation (torch `approximate="tanh"`)."""
     if on_ascend():
         return ops.gelu(x, approximate="tanh")
-    # 0.5 * (1 + tanh(u)) == sigmoid(2u), with u = sqrt(2/pi) * (x + 0.044715 x^3)
-    return x * ops.sigmoid(math.sqrt(8.0 / math.pi) * (x + 0.044715 * x * x * x))
+    # 0.5 * (1 + tanh(u)) == sigmoid(2u), with u = sqrt(2/pi) * (x + 0.044715 x^3);
+    # 2u is written as x * (c + c * 0.044715 * x^2): six passes over x instead of seven.
+    c = math.sqrt(8.0 / math.pi)
+    return x * ops.sigmoid(x * (c + (c * 0.044715) * (x * x)))
 
 
 def silu(x: Tensor) -> Tensor:
@@ -137,8 +139,12 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """
     if on_ascend() and weight is not None and x.dtype == weight.dtype:
         return ops.rms_norm(x, weight, eps)[0]
-    xf = x.astype(ms.float32)
-    out = (xf * ops.rsqrt(ops.mean(xf * xf, -1, keep_dims=True) + eps)).astype(x.dtype)
+    xf = _as_fp32(x)
+    d = x.shape[-1]
+    # mean(x^2) as a matrix-vector product: several times faster than ReduceMean on CPU.
+    mean_square = ops.matmul((xf * xf).reshape(-1, d), ops.full((d, 1), 1.0 / d, dtype=ms.float32))
+    out = xf * ops.rsqrt(mean_square.reshape(x.shape[:-1] + (1,)) + eps)
+    out = out if x.dtype == ms.float32 else out.astype(x.dtype)
     return out * weight if weight is not None else out
 
 
@@ -170,10 +176,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
 
 def _exact_attention(q, k, v, mask, causal, bias, scale):
     dtype = q.dtype
-    qh = q.astype(ms.float32).transpose(0, 2, 1, 3)  # (b, h, s_q, d)
-    kh = k.astype(ms.float32).transpose(0, 2, 3, 1)  # (b, h, d, s_k)
-    vh = v.astype(ms.float32).transpose(0, 2, 1, 3)  # (b, h, s_k, d)
-    scores = ops.matmul(qh, kh) * scale
+    # The scale goes onto q (s_q x d values) rather than onto the scores (s_q x s_k).
+    qh = (_as_fp32(q) * scale).transpose(0, 2, 1, 3)  # (b, h, s_q, d)
+    kh = _as_fp32(k).transpose(0, 2, 1, 3)  # (b, h, s_k, d)
+    vh = _as_fp32(v).transpose(0, 2, 1, 3)  # (b, h, s_k, d)
+    scores = _matmul_nt(qh, kh)  # (b, h, s_q, s_k)
     if bias is not None:
         scores = scores + bias.astype(ms.float32)
     keep = None
@@ -187,7 +194,15 @@ def _exact_attention(q, k, v, mask, causal, bias, scale):
         scores = ops.masked_fill(scores, ops.logical_not(keep), float("-inf"))
     probs = mint.softmax(scores, dim=-1)
     out = ops.matmul(probs, vh)  # (b, h, s_q, d)
-    return out.transpose(0, 2, 1, 3).astype(dtype)
+    out = out.transpose(0, 2, 1, 3)
+    return out if dtype == ms.float32 else out.astype(dtype)
+
+
+_matmul_nt = ops.BatchMatMul(transpose_b=True)  # a @ b^T without materialising b^T
+
+
+def _as_fp32(x: Tensor) -> Tensor:
+    return x if x.dtype == ms.float32 else x.astype(ms.float32)
 
 
 def _flash_attention(q, k, v, mask, causal, scale):

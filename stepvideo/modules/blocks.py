@@ -18,20 +18,34 @@ Sequence parallelism is applied from outside: `SelfAttention.core_attention`
 is an attribute (default: the backend's full softmax attention) that a wrapper
 can replace per block, and every per-token input (tokens, RoPE grid, cross-
 attention mask rows) can be sliced along the sequence axis by the caller.
+
+Speed (measured on CPU, see docs/performance.md): the RoPE cos/sin tables are
+made once per forward, not per block and per q/k; q, k, v leave the fused
+projection through one `unstack`; with `set_jit(True)` each block runs as
+compiled graphs around the attention hook (the eager path gives the same numbers).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
+import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from stepvideo import backend
 from stepvideo.layers import Conv2d, LayerNorm, Linear, RMSNorm, lazy_parameter
 from stepvideo.modules.rope import RoPE3D
 
+# The RoPE input of a block: the (n, 3) / (b, n, 3) position grid, or its (cos, sin) tables.
+RopeInput = Union[Tensor, Tuple[Tensor, Tensor], None]
+
 
 class SelfAttention(nn.Cell):
-    """Full self-attention over the video tokens with QK-RMSNorm and 3-D RoPE."""
+    """Full self-attention over the video tokens with QK-RMSNorm and 3-D RoPE.
+
+    Split into `qkv` (projection, q/k norm, RoPE), `core_attention` (the
+    replaceable softmax attention) and `out` (output projection) so that the
+    block can run the two projections as compiled graphs around the hook.
+    """
 
     def __init__(self, hidden_dim: int, head_dim: int, bias: bool = False, with_rope: bool = True,
                  with_qk_norm: bool = True):
@@ -55,21 +69,48 @@ class SelfAttention(nn.Cell):
         # (q, k, v) each (b, s, heads, head_dim) -> (b, s, heads, head_dim); replaceable per block.
         self.core_attention = backend.attention
 
-    def construct(self, x: Tensor, rope_grid: Optional[Tensor] = None) -> Tensor:
-        """x (b, n, D), rope_grid (n, 3) integer (frame, row, col) of each token -> (b, n, D)."""
-        xqkv = self.wqkv(x).reshape(x.shape[0], x.shape[1], self.n_heads, 3 * self.head_dim)
-        d = self.head_dim
-        xq, xk, xv = xqkv[..., :d], xqkv[..., d:2 * d], xqkv[..., 2 * d:]
+    def rope_tables(self, rope: RopeInput, dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The (cos, sin) tables for `qkv`, shaped (1|b, n, 1, d) to broadcast over the heads.
+
+        `rope` is the (n, 3) / (b, n, 3) integer grid, or tables already made by this
+        method (`StepVideoModel.block_forward` makes them once for all blocks).
+        """
+        if not self.with_rope:
+            return None, None
+        if isinstance(rope, tuple):
+            return rope
+        if rope is None:
+            raise ValueError("rope_grid: SelfAttention with RoPE needs the (n, 3) token positions")
+        cos, sin = self.rope_3d.tables(rope, self.rope_ch_split, dtype)
+        if rope.ndim == 2:
+            cos, sin = cos.expand_dims(0), sin.expand_dims(0)
+        return cos.expand_dims(2), sin.expand_dims(2)
+
+    def qkv(self, x: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """x (b, n, D) -> q, k, v (b, n, heads, head_dim), q/k normalised and rotated.
+
+        `unstack` gives q, k and v as contiguous tensors in one pass; slicing them out
+        of the per-head [q|k|v] rows is a much slower strided copy on CPU.
+        """
+        b, n, _ = x.shape
+        q, k, v = ops.unstack(self.wqkv(x).reshape(b, n, self.n_heads, 3, self.head_dim), 3)
         if self.with_qk_norm:
-            xq = self.q_norm(xq)
-            xk = self.k_norm(xk)
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.with_rope:
-            if rope_grid is None:
-                raise ValueError("rope_grid: SelfAttention with RoPE needs the (n, 3) token positions")
-            xq = self.rope_3d.apply(xq, rope_grid, self.rope_ch_split)
-            xk = self.rope_3d.apply(xk, rope_grid, self.rope_ch_split)
-        out = self.core_attention(xq, xk, xv).contiguous()  # a replaced kernel may return a view
-        return self.wo(out.reshape(x.shape[0], out.shape[1], -1))
+            q = RoPE3D.rotate(q, cos, sin, self.rope_ch_split)
+            k = RoPE3D.rotate(k, cos, sin, self.rope_ch_split)
+        return q, k, v
+
+    def out(self, attn: Tensor) -> Tensor:
+        """(b, n, heads, head_dim) -> (b, n, D)."""
+        b, n = attn.shape[0], attn.shape[1]
+        # (contiguous: a replaced kernel may return a view; see the note on views above)
+        return self.wo(attn.contiguous().reshape(b, n, -1))
+
+    def construct(self, x: Tensor, rope_grid: RopeInput = None) -> Tensor:
+        """x (b, n, D), rope_grid (n, 3) integer (frame, row, col) of each token (or its tables) -> (b, n, D)."""
+        cos, sin = self.rope_tables(rope_grid, x.dtype)
+        return self.out(self.core_attention(*self.qkv(x, cos, sin)))
 
 
 class CrossAttention(nn.Cell):
@@ -91,9 +132,8 @@ class CrossAttention(nn.Cell):
         """x (b, n, D), encoder_hidden_states (b, L, D), attn_mask bool (b, 1|n, L) True = attend -> (b, n, D)."""
         b, n, _ = x.shape
         xq = self.wq(x).reshape(b, n, self.n_heads, self.head_dim)
-        xkv = self.wkv(encoder_hidden_states).reshape(b, encoder_hidden_states.shape[1], self.n_heads,
-                                                      2 * self.head_dim)
-        xk, xv = xkv[..., :self.head_dim], xkv[..., self.head_dim:]
+        xk, xv = ops.unstack(self.wkv(encoder_hidden_states).reshape(b, encoder_hidden_states.shape[1],
+                                                                     self.n_heads, 2, self.head_dim), 3)
         if self.with_qk_norm:
             xq = self.q_norm(xq)
             xk = self.k_norm(xk)
@@ -132,6 +172,10 @@ def modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+# The default self-attention kernel as a compiled graph, shared by all blocks (compiled once per shape).
+_COMPILED_ATTENTION = ms.jit(backend.attention)
+
+
 class StepVideoTransformerBlock(nn.Cell):
     """adaLN-modulated self-attention, un-normalised ungated cross-attention, modulated feed-forward.
 
@@ -140,6 +184,11 @@ class StepVideoTransformerBlock(nn.Cell):
         x += gate2 * ff(LN2(x) * (1 + scale2) + shift2)
 
     with (shift1, scale1, gate1, shift2, scale2, gate2) = scale_shift_table + timestep.
+
+    The forward is two pieces around `attn1.core_attention` (the sequence-parallel
+    hook): `attn1_inputs` and `after_attn1`. `set_jit(True)` runs each piece as a
+    compiled graph (the hook stays a plain call, so a replacement may communicate);
+    the numbers are those of the eager path.
     """
 
     def __init__(self, dim: int, attention_head_dim: int, norm_eps: float = 1e-5, ff_inner_dim: Optional[int] = None,
@@ -152,17 +201,47 @@ class StepVideoTransformerBlock(nn.Cell):
         self.attn2 = CrossAttention(dim, attention_head_dim, bias=False, with_qk_norm=True)
         self.ff = FeedForward(dim=dim, inner_dim=ff_inner_dim, dim_out=dim, bias=ff_bias)
         self.scale_shift_table: Parameter = lazy_parameter((6, dim))
+        self.set_jit(False)
+
+    def set_jit(self, enabled: bool) -> "StepVideoTransformerBlock":
+        """Run the two pieces of the forward as compiled graphs (one compile per input shape).
+
+        The self-attention core is compiled too while it is the default kernel; a
+        replacement (e.g. Ulysses, which communicates) is called as it is.
+        """
+        self.jit_enabled = enabled
+        self._attn1_inputs = ms.jit(self.attn1_inputs) if enabled else self.attn1_inputs
+        self._after_attn1 = ms.jit(self.after_attn1) if enabled else self.after_attn1
+        return self
+
+    def _core_attention(self):
+        attend = self.attn1.core_attention
+        return _COMPILED_ATTENTION if self.jit_enabled and attend is backend.attention else attend
+
+    def attn1_inputs(self, x: Tensor, timestep: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]):
+        """x (b, n, D), timestep (b, 6D) -> q, k, v (b, n, heads, head_dim) for the self-attention."""
+        mod = self.scale_shift_table.expand_dims(0) + timestep.reshape(-1, 6, self.dim)  # (b, 6, D)
+        shift_msa, scale_msa = mod[:, 0:1], mod[:, 1:2]
+        return self.attn1.qkv(modulate(self.norm1(x), scale_msa, shift_msa), cos, sin)
+
+    def after_attn1(self, x: Tensor, attn: Tensor, kv: Tensor, timestep: Tensor,
+                    attn_mask: Optional[Tensor]) -> Tensor:
+        """x (b, n, D) block input, attn (b, n, heads, head_dim) self-attention core output -> block output."""
+        mod = self.scale_shift_table.expand_dims(0) + timestep.reshape(-1, 6, self.dim)  # (b, 6, D)
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, 2:3], mod[:, 3:4], mod[:, 4:5], mod[:, 5:6]
+        x = gate_msa * self.attn1.out(attn) + x
+        x = self.attn2(x, kv, attn_mask) + x
+        x = gate_mlp * self.ff(modulate(self.norm2(x), scale_mlp, shift_mlp)) + x
+        return x
 
     def construct(self, q: Tensor, kv: Tensor, timestep: Tensor, attn_mask: Optional[Tensor] = None,
-                  rope_grid: Optional[Tensor] = None) -> Tensor:
+                  rope_grid: RopeInput = None) -> Tensor:
         """q (b, n, D) video tokens, kv (b, L, D) text tokens, timestep (b, 6D), attn_mask (b, 1|n, L),
-        rope_grid (n, 3) -> (b, n, D)."""
-        mod = self.scale_shift_table.expand_dims(0) + timestep.reshape(-1, 6, self.dim)  # (b, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, 1, axis=1)
-        q = gate_msa * self.attn1(modulate(self.norm1(q), scale_msa, shift_msa), rope_grid) + q
-        q = self.attn2(q, kv, attn_mask) + q
-        q = gate_mlp * self.ff(modulate(self.norm2(q), scale_mlp, shift_mlp)) + q
-        return q
+        rope_grid (n, 3) positions or their `SelfAttention.rope_tables` -> (b, n, D)."""
+        cos, sin = self.attn1.rope_tables(rope_grid, q.dtype)
+        xq, xk, xv = self._attn1_inputs(q, timestep, cos, sin)
+        attn = self._core_attention()(xq, xk, xv)
+        return self._after_attn1(q, attn, kv, timestep, attn_mask)
 
 
 class PatchEmbed(nn.Cell):

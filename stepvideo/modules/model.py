@@ -216,10 +216,19 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
                 (len(blocks) and (blocks.start < 0 or blocks.stop > len(self.transformer_blocks))):
             raise ValueError(f"blocks: expected a contiguous range inside range(0, {len(self.transformer_blocks)}), "
                              f"got {blocks!r}")
+        if len(blocks):
+            # The RoPE tables depend only on the positions: make them once for all blocks.
+            rope = self.transformer_blocks[blocks.start].attn1.rope_tables(rope_grid, hidden_states.dtype)
         for i in blocks:
             hidden_states = self.transformer_blocks[i](hidden_states, encoder_hidden_states, timestep=timestep,
-                                                       attn_mask=attn_mask, rope_grid=rope_grid)
+                                                       attn_mask=attn_mask, rope_grid=rope)
         return hidden_states
+
+    def set_jit(self, enabled: bool) -> "StepVideoModel":
+        """Run each block's compute as compiled graphs (see `StepVideoTransformerBlock.set_jit`)."""
+        for block in self.transformer_blocks:
+            block.set_jit(enabled)
+        return self
 
     # ----------------------------------------------------------------------- 3. output
 

@@ -33,6 +33,7 @@ what the published model was run with, so we reproduce it rather than "fix" it.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Sequence, Tuple
 
 import mindspore as ms
@@ -73,27 +74,59 @@ class RoPE3D:
         half = x.shape[-1] // 2
         return ops.cat((-x[..., half:], x[..., :half]), -1)
 
+    def tables(self, grid: Tensor, ch_split: Sequence[int], dtype: ms.dtype) -> Tuple[Tensor, Tensor]:
+        """Whole-head tables for `rotate`: grid (n, 3) or (b, n, 3) -> cos, sin of shape (n, d) or (b, n, d).
+
+        Chunk c of the head uses axis c of the grid. `sin` carries the sign of the
+        rotate-half pairing (negative on the first half of each chunk), so that
+        `rotate` needs one channel permutation instead of a negation per chunk.
+        Computing these once per forward (not per block and per q/k) is what makes
+        RoPE cheap: the tables depend only on the token positions.
+        """
+        _check_split(ch_split)
+        if grid.ndim not in (2, 3) or grid.shape[-1] != 3:
+            raise ValueError(f"grid: expected (n, 3) or (b, n, 3) positions, got {tuple(grid.shape)}")
+        cos, sin = [], []
+        for axis, dim in enumerate(ch_split):
+            c, s = self.cos_sin(grid[..., axis], dim, dtype)
+            cos.append(c)
+            sin.append(ops.cat((-s[..., :dim // 2], s[..., dim // 2:]), -1))
+        return ops.cat(cos, -1), ops.cat(sin, -1)
+
+    @staticmethod
+    def swap_halves(x: Tensor, ch_split: Sequence[int]) -> Tensor:
+        """Exchange the two halves of every chunk of the last axis (the rotate-half pairing, without signs).
+
+        Done as one gather of equal-sized channel blocks (a block is the largest size
+        dividing every half), which moves whole runs of memory instead of single channels.
+        """
+        block = math.gcd(*(d // 2 for d in ch_split))
+        order, start = [], 0
+        for dim in ch_split:
+            half = dim // 2 // block
+            order += list(range(start + half, start + 2 * half)) + list(range(start, start + half))
+            start += 2 * half
+        blocks = x.reshape(x.shape[:-1] + (start, block))
+        return ops.gather(blocks, Tensor(np.array(order, np.int32)), blocks.ndim - 2).reshape(x.shape)
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor, ch_split: Sequence[int]) -> Tensor:
+        """x (..., d) rotated by `tables` output broadcast to x: x cos + swap_halves(x) sin."""
+        return x * cos + RoPE3D.swap_halves(x, ch_split) * sin
+
     def apply(self, tokens: Tensor, grid: Tensor, ch_split: Sequence[int]) -> Tensor:
         """Rotate `tokens` (b, n, heads, d) by the positions `grid` (n, 3), (1, n, 3) or (b, n, 3)."""
         if sum(ch_split) != tokens.shape[-1]:
             raise ValueError(f"ch_split {list(ch_split)} sums to {sum(ch_split)}; expected the head dim "
                              f"{tokens.shape[-1]} of tokens {tuple(tokens.shape)}")
-        if len(ch_split) != 3 or any(d % 2 for d in ch_split):
-            raise ValueError(f"ch_split {list(ch_split)}: expected three even chunk sizes (frame, row, col)")
+        _check_split(ch_split)
         if grid.ndim not in (2, 3) or grid.shape[-1] != 3 or grid.shape[-2] != tokens.shape[1]:
             raise ValueError(f"grid: expected ({tokens.shape[1]}, 3) or (b, {tokens.shape[1]}, 3) positions for "
                              f"tokens {tuple(tokens.shape)}, got {tuple(grid.shape)}")
+        cos, sin = self.tables(grid, ch_split, tokens.dtype)  # (1|b, n, d) after the next line
         if grid.ndim == 2:
-            grid = grid.expand_dims(0)
-        out = []
-        start = 0
-        for axis, dim in enumerate(ch_split):
-            x = tokens[..., start:start + dim]
-            cos, sin = self.cos_sin(grid[..., axis], dim, tokens.dtype)  # (1|b, n, dim)
-            cos, sin = cos.expand_dims(2), sin.expand_dims(2)  # broadcast over heads
-            out.append(x * cos + self.rotate_half(x) * sin)
-            start += dim
-        return ops.cat(out, -1)
+            cos, sin = cos.expand_dims(0), sin.expand_dims(0)
+        return self.rotate(tokens, cos.expand_dims(2), sin.expand_dims(2), ch_split)  # broadcast over heads
 
     def __call__(self, tokens: Tensor, rope_positions: Sequence[int], ch_split: Sequence[int]) -> Tensor:
         """tokens (b, f*h*w, heads, d) with rope_positions = [f, h, w] -> rotated tokens, same shape."""
@@ -104,3 +137,8 @@ class RoPE3D:
             raise ValueError(f"rope_positions {[f, h, w]} give {f * h * w} positions but tokens "
                              f"{tuple(tokens.shape)} have {tokens.shape[1]}")
         return self.apply(tokens, self.position_grid(f, h, w), ch_split)
+
+
+def _check_split(ch_split: Sequence[int]) -> None:
+    if len(ch_split) != 3 or any(d % 2 for d in ch_split):
+        raise ValueError(f"ch_split {list(ch_split)}: expected three even chunk sizes (frame, row, col)")
