@@ -81,10 +81,17 @@ def init(device: Optional[str] = None, device_id: Optional[int] = None) -> Backe
         return _info
     dev = wanted or _detect_device()
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    if device_id is not None:
-        ms.set_device(dev, device_id)
-    else:
-        ms.set_device(dev)
+    try:
+        if device_id is not None:
+            ms.set_device(dev, device_id)
+        else:
+            ms.set_device(dev)
+    except RuntimeError:
+        # Something already ran a kernel (which fixes the device). That is fine if it is ours.
+        current = ms.get_context("device_target")
+        if current != dev:
+            raise RuntimeError(f"MindSpore already runs on {current}; cannot switch to {dev}. Call "
+                               "stepvideo.backend.init() before any tensor operation.") from None
     if dev == CPU:
         # Synchronous pynative on CPU: errors point at the failing op, and the
         # runtime threads stop competing with compute threads (1.6-9x faster).
