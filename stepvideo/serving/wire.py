@@ -51,17 +51,8 @@ def check_token(token: str) -> str:
     return token
 
 
-# safetensors dtype string <-> numpy dtype for what the services exchange.
-_NP_DTYPES = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    BF16: np.dtype("<u2"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-}
+# The safetensors dtypes the services exchange (a subset of what the format allows).
+_NP_DTYPES = {k: st.NUMPY_DTYPES[k] for k in ("F64", "F32", "F16", BF16, "I64", "I32", "U8", "BOOL")}
 _ST_DTYPES = {v: k for k, v in _NP_DTYPES.items() if k != BF16}
 
 # Largest JSON header accepted from a peer: a few tensors need a few hundred bytes.

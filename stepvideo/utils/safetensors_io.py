@@ -27,7 +27,8 @@ import numpy as np
 # numpy has no bfloat16; bf16 tensors travel as their uint16 bit patterns.
 BF16 = "BF16"
 
-_NP_DTYPES = {
+# safetensors dtype string -> numpy dtype of the stored bytes (bf16 as uint16 bits).
+NUMPY_DTYPES = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -39,7 +40,7 @@ _NP_DTYPES = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_ST_DTYPES = {v: k for k, v in _NP_DTYPES.items() if k != BF16}
+SAFETENSORS_DTYPES = {v: k for k, v in NUMPY_DTYPES.items() if k != BF16}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -98,17 +99,17 @@ def parse_header(raw: bytes, total_size: int, source: str) -> Dict[str, TensorIn
         if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
             raise SafetensorsError(f"{source}: entry {name!r} lacks dtype/shape/data_offsets")
         dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
-        if dtype not in _NP_DTYPES:
+        if dtype not in NUMPY_DTYPES:
             raise SafetensorsError(
                 f"{source}: tensor {name!r} has unsupported dtype {dtype!r}; "
-                f"expected one of {sorted(_NP_DTYPES)}")
+                f"expected one of {sorted(NUMPY_DTYPES)}")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)):
             raise SafetensorsError(f"{source}: tensor {name!r} has invalid shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) for o in offsets)):
             raise SafetensorsError(f"{source}: tensor {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
-        expected = math.prod(shape) * _NP_DTYPES[dtype].itemsize  # Python ints: no overflow
+        expected = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize  # Python ints: no overflow
         if not 0 <= begin <= end <= data_size or end - begin != expected:
             raise SafetensorsError(
                 f"{source}: tensor {name!r} (dtype {dtype}, shape {shape}) needs {expected} bytes "
@@ -158,7 +159,7 @@ class SafetensorsFile:
     def read_raw(self, name: str) -> np.ndarray:
         """The tensor as stored: bf16 comes back as uint16 bit patterns."""
         info = self.tensors[name]
-        arr = np.empty(info.shape, dtype=_NP_DTYPES[info.dtype])
+        arr = np.empty(info.shape, dtype=NUMPY_DTYPES[info.dtype])
         self._fh.seek(info.start)
         got = self._fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
         if got != info.nbytes:
@@ -205,7 +206,7 @@ def _normalise(tensors: Mapping[str, np.ndarray], bf16: Iterable[str]) -> Dict[s
             bits = arr if arr.dtype == np.uint16 else f32_to_bf16_bits(arr)
             out[name] = (bits, BF16)
         else:
-            dt = _ST_DTYPES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+            dt = SAFETENSORS_DTYPES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
             if dt is None:
                 raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
             out[name] = (arr.astype(arr.dtype.newbyteorder("<"), copy=False), dt)
@@ -262,7 +263,7 @@ def from_bytes(data: bytes, source: str = "payload") -> Dict[str, Tuple[np.ndarr
     infos = header_from_bytes(data, source)
     out = {}
     for name, info in infos.items():
-        arr = np.frombuffer(data, dtype=_NP_DTYPES[info.dtype], count=math.prod(info.shape),
+        arr = np.frombuffer(data, dtype=NUMPY_DTYPES[info.dtype], count=math.prod(info.shape),
                             offset=info.start).reshape(info.shape).copy()
         out[name] = (arr, info.dtype)
     return out
