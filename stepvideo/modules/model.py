@@ -122,6 +122,7 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         self.caption_channel = caption_channel
         self.caption_norm = LayerNorm(caption_channel, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.caption_projection = PixArtAlphaTextProjection(in_features=caption_channel, hidden_size=self.inner_dim)
+        self.set_jit(False)
 
     @property
     def dtype(self) -> ms.dtype:
@@ -181,6 +182,14 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
                              f"tokens), got "
                              f"{None if encoder_attention_mask is None else tuple(encoder_attention_mask.shape)}")
 
+    def project_text(self, encoder_hidden_states: Tensor, encoder_hidden_states_2: Optional[Tensor] = None) -> Tensor:
+        """(b, L, C_llm) [+ (b, L_clip, C_clip)] -> (b, L_clip + L, D): CLIP tokens first, then the LLM tokens."""
+        text = self.caption_projection(self.caption_norm(encoder_hidden_states.astype(self.dtype)))
+        if encoder_hidden_states_2 is not None:
+            clip = self.clip_projection(encoder_hidden_states_2.astype(self.dtype))
+            text = ops.cat((clip, text), 1)
+        return text
+
     def embed(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
               encoder_attention_mask: Tensor, encoder_hidden_states_2: Optional[Tensor] = None) -> Embedded:
         """Patch embedding, timestep modulation, text projection and truncation, RoPE grid."""
@@ -189,16 +198,13 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         b, frames, _, h, w = hidden_states.shape
         height, width = h // self.patch_size, w // self.patch_size
 
-        tokens = self.patchfy(hidden_states.astype(self.dtype))  # (b*f, h*w, D)
+        tokens = self._patchfy(hidden_states.astype(self.dtype))  # (b*f, h*w, D)
         tokens = tokens.reshape(b, frames * height * width, self.inner_dim)
 
+        # Kept eager: compiled, the x1000 timestep phases round differently (1e-5 on the output).
         modulation, embedded_timestep = self.adaln_single(timestep)
-
-        text = self.caption_projection(self.caption_norm(encoder_hidden_states.astype(self.dtype)))
-        if encoder_hidden_states_2 is not None:
-            clip = self.clip_projection(encoder_hidden_states_2.astype(self.dtype))
-            text = ops.cat((clip, text), 1)
-        text, attn_mask = self.prepare_attn_mask(encoder_attention_mask, text)
+        text, attn_mask = self.prepare_attn_mask(encoder_attention_mask,
+                                                 self._project_text(encoder_hidden_states, encoder_hidden_states_2))
 
         return Embedded(hidden_states=tokens, encoder_hidden_states=text, attn_mask=attn_mask,
                         timestep=modulation, embedded_timestep=embedded_timestep,
@@ -225,7 +231,12 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         return hidden_states
 
     def set_jit(self, enabled: bool) -> "StepVideoModel":
-        """Run each block's compute as compiled graphs (see `StepVideoTransformerBlock.set_jit`)."""
+        """Run the input embeddings, each block's compute (see `StepVideoTransformerBlock.set_jit`) and the
+        output layer as compiled graphs, one compile per input shape; the numbers are the eager path's."""
+        self.jit_enabled = enabled
+        self._patchfy = ms.jit(self.patchfy) if enabled else self.patchfy
+        self._project_text = ms.jit(self.project_text) if enabled else self.project_text
+        self._final_layer = ms.jit(self.final_layer) if enabled else self.final_layer
         for block in self.transformer_blocks:
             block.set_jit(enabled)
         return self
@@ -253,5 +264,5 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         e = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                        encoder_hidden_states_2)
         x = self.block_forward(e.hidden_states, e.encoder_hidden_states, e.timestep, e.rope_grid, e.attn_mask)
-        output = self.final_layer(x, e.embedded_timestep, e.frames, e.height, e.width)
+        output = self._final_layer(x, e.embedded_timestep, e.frames, e.height, e.width)
         return {"x": output} if return_dict else output
