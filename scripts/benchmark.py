@@ -251,10 +251,13 @@ def cmd_dit(args) -> str:
     gemm = GemmReference()
     flops = dit_flops(s)
     total = flops["gemm"] + flops["attention"]
+    # MindSpore's CPU kernels pick their thread count by trying several over their first calls
+    # (a kernel's time drops after ~5 calls), so the steady state needs this many warm-up calls.
+    warmup = 2 if args.quick else 8
     rows = []
     for mode in args.modes:
         model.set_jit(mode == "jit")
-        timing = measure(lambda: model(**inputs), repeats=repeats, warmup=2, gemm=gemm)
+        timing = measure(lambda: model(**inputs), repeats=repeats, warmup=warmup, gemm=gemm)
         rate = total / timing.median
         ref = timing.gemm_rate(gemm)
         rows.append([mode + (" + graph-kernel fusion" if args.graph_kernel and mode == "jit" else ""),
@@ -265,8 +268,51 @@ def cmd_dit(args) -> str:
     text = table(["mode", "layers x heads x d", "video + text tokens", "GFLOP (GEMM + attention)",
                   "first call s", "median s", "best s", "GFLOP/s (median)", "GEMM GFLOP/s (median, same run)",
                   "fraction of GEMM rate (median / best)"], rows)
-    return text + (f"\n\nMedian of {repeats} forwards after 2 warm-up calls, fp32, batch 1. {GEMMS_PER_RUN} reference "
-                   "GEMMs are timed right before each forward; 'best' pairs the fastest forward with the fastest GEMM.")
+    text += (f"\n\nMedian of {repeats} forwards after {warmup} warm-up calls, fp32, batch 1. {GEMMS_PER_RUN} reference "
+             "GEMMs are timed right before each forward; 'best' pairs the fastest forward with the fastest GEMM.")
+    if args.profile:
+        model.set_jit(True)
+        text += "\n\n" + profile_table(lambda: model(**inputs), flops, gemm)
+    return text
+
+
+def profile_table(fn: Callable[[], object], flops: Dict[str, float], gemm: GemmReference, calls: int = 2) -> str:
+    """Per-op-type kernel time of `fn` (MindSpore profiler, after the warm-up above), with GEMM efficiencies."""
+    import csv
+    import glob
+
+    import mindspore as ms
+    with tempfile.TemporaryDirectory() as out:
+        prof = ms.Profiler(output_path=out)
+        t = time.perf_counter()
+        for _ in range(calls):
+            _sync(fn())
+        wall = (time.perf_counter() - t) / calls
+        prof.stop()
+        prof.analyse()
+        rows = []
+        for path in glob.glob(os.path.join(out, "**", "cpu_op_detail_info_0.csv"), recursive=True):
+            with open(path) as f:
+                rows += list(csv.DictReader(f))
+    by_type: Dict[str, float] = {}
+    for r in rows:
+        by_type[r["op_type"]] = by_type.get(r["op_type"], 0.0) + float(r["op_total_time(ms)"]) / calls
+    kernels = sum(by_type.values())
+    ref = gemm.flops / statistics.median([gemm.run() for _ in range(5)])
+    # MatMul kernels run the projections (flops["gemm"]), BatchMatMul the attention products.
+    done = {"MatMul": flops["gemm"], "BatchMatMul": flops["attention"]}
+    out_rows = []
+    for op, ms_ in sorted(by_type.items(), key=lambda kv: -kv[1]):
+        if ms_ < 0.005 * kernels:
+            continue
+        eff = f"{done[op] / (ms_ / 1e3) / 1e9:.0f} GFLOP/s ({done[op] / (ms_ / 1e3) / ref:.0%})" if op in done else ""
+        out_rows.append([op, f"{ms_:.1f}", f"{ms_ / kernels:.1%}", eff])
+    other = sum(v for k, v in by_type.items() if k not in done)
+    out_rows.append(["all non-GEMM kernels", f"{other:.1f}", f"{other / kernels:.1%}", ""])
+    out_rows.append(["all kernels (wall per forward under the profiler)", f"{kernels:.1f} ({wall * 1e3:.0f})", "100%",
+                     f"reference GEMM {ref / 1e9:.0f} GFLOP/s"])
+    return table(["op type (jit, MindSpore profiler)", "ms per forward", "share", "achieved rate (of reference GEMM)"],
+                 out_rows) + "\n\nKernel times summed per op type over the compiled forward (types below 0.5% omitted)."
 
 
 # ============================================================================ vae
@@ -781,6 +827,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
     p.add_argument("--modes", nargs="+", default=["pynative", "jit"], choices=["pynative", "jit"],
                    help="DiT execution modes to measure (dit)")
+    p.add_argument("--profile", action="store_true", help="dit: add a per-op-type profile of the compiled forward")
     p.add_argument("--graph-kernel", action="store_true",
                    help="dit: also fuse element-wise ops in the compiled graphs (AKG; needs `decorator`)")
     p.add_argument("--append", metavar="FILE", help="append the printed section to this Markdown file")
