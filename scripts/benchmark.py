@@ -611,6 +611,7 @@ _COMM_WORKER = textwrap.dedent("""
         times.append(time.perf_counter() - t)
     result["handoff_s"] = statistics.median(times[1:])
     result["handoff_bytes"] = int(hidden.nbytes)
+    pp.barrier()  # the sender's last broadcast must complete before the receiver exits
     print("COMM_RESULT " + json.dumps(result), flush=True)
 """)
 
@@ -681,6 +682,7 @@ def cmd_comm(args) -> str:
     mrows = []
     for what, key in (("Ulysses q/k/v + output exchange, one block, one row", "ulysses"),
                       ("stage hand-off of the hidden states, one row", "handoff")):
+        # the slower rank; for the hand-off that is the receiver (a send returns once the data is out)
         seconds = max(r[f"{key}_s"] for r in results)
         nbytes = results[0][f"{key}_bytes"]
         mrows.append([what, f"{tokens} tokens x {dim} fp32", f"{nbytes / 2**20:.1f}", f"{seconds * 1e3:.1f}",
