@@ -16,6 +16,7 @@ FLOPs are counted from the shapes (a multiply-add is 2 FLOPs); see `dit_flops`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -278,6 +279,19 @@ def cmd_dit(args) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def profile_table(fn: Callable[[], object], flops: Dict[str, float], gemm: GemmReference, calls: int = 2) -> str:
     """Per-op-type kernel time of `fn` (MindSpore profiler, after the warm-up above), with GEMM efficiencies."""
     import csv
@@ -291,7 +305,8 @@ def profile_table(fn: Callable[[], object], flops: Dict[str, float], gemm: GemmR
             _sync(fn())
         wall = (time.perf_counter() - t) / calls
         prof.stop()
-        prof.analyse()
+        with _stdout_to_stderr():  # the analysis prints progress (also from child processes) to stdout
+            prof.analyse()
         rows = []
         for path in glob.glob(os.path.join(out, "**", "cpu_op_detail_info_0.csv"), recursive=True):
             with open(path) as f:
