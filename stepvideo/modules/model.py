@@ -18,6 +18,11 @@ Tokens, the RoPE grid (n, 3) and the cross-attention mask rows can all be
 sliced along the token axis by the caller; `SelfAttention.core_attention` is
 the per-block hook for an all-to-all attention.
 
+Speed: `model.set_jit(True)` compiles the embeddings, each block's compute
+around that hook and the output layer (one compile per input shape; same
+numbers as the eager default); `block_forward` makes the RoPE tables once.
+See docs/performance.md.
+
 Text conditioning: the CLIP tokens come first, then the Step-LLM tokens. The
 attention mask is used only through its per-row counts: valid tokens are
 assumed to be a prefix, the first max(count) key/value positions are kept and
