@@ -172,10 +172,6 @@ def modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
-# The default self-attention kernel as a compiled graph, shared by all blocks (compiled once per shape).
-_COMPILED_ATTENTION = ms.jit(backend.attention)
-
-
 class StepVideoTransformerBlock(nn.Cell):
     """adaLN-modulated self-attention, un-normalised ungated cross-attention, modulated feed-forward.
 
@@ -204,19 +200,23 @@ class StepVideoTransformerBlock(nn.Cell):
         self.set_jit(False)
 
     def set_jit(self, enabled: bool) -> "StepVideoTransformerBlock":
-        """Run the two pieces of the forward as compiled graphs (one compile per input shape).
+        """Run the block as compiled graphs (one compile per input shape).
 
-        The self-attention core is compiled too while it is the default kernel; a
-        replacement (e.g. Ulysses, which communicates) is called as it is.
+        While `attn1.core_attention` is the default kernel the whole block is one
+        graph; a replacement (e.g. Ulysses, which communicates) is called as it is,
+        between the two compiled pieces.
         """
         self.jit_enabled = enabled
         self._attn1_inputs = ms.jit(self.attn1_inputs) if enabled else self.attn1_inputs
         self._after_attn1 = ms.jit(self.after_attn1) if enabled else self.after_attn1
+        self._whole_block = ms.jit(self.whole_block) if enabled else self.whole_block
         return self
 
-    def _core_attention(self):
-        attend = self.attn1.core_attention
-        return _COMPILED_ATTENTION if self.jit_enabled and attend is backend.attention else attend
+    def whole_block(self, x: Tensor, kv: Tensor, timestep: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+                    attn_mask: Optional[Tensor]) -> Tensor:
+        """The block with the default attention kernel (one graph when compiled)."""
+        return self.after_attn1(x, backend.attention(*self.attn1_inputs(x, timestep, cos, sin)), kv, timestep,
+                                attn_mask)
 
     def attn1_inputs(self, x: Tensor, timestep: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]):
         """x (b, n, D), timestep (b, 6D) -> q, k, v (b, n, heads, head_dim) for the self-attention."""
@@ -239,8 +239,10 @@ class StepVideoTransformerBlock(nn.Cell):
         """q (b, n, D) video tokens, kv (b, L, D) text tokens, timestep (b, 6D), attn_mask (b, 1|n, L),
         rope_grid (n, 3) positions or their `SelfAttention.rope_tables` -> (b, n, D)."""
         cos, sin = self.attn1.rope_tables(rope_grid, q.dtype)
+        if self.attn1.core_attention is backend.attention:
+            return self._whole_block(q, kv, timestep, cos, sin, attn_mask)
         xq, xk, xv = self._attn1_inputs(q, timestep, cos, sin)
-        attn = self._core_attention()(xq, xk, xv)
+        attn = self.attn1.core_attention(xq, xk, xv)
         return self._after_attn1(q, attn, kv, timestep, attn_mask)
 
 
