@@ -138,6 +138,23 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)(x, weight, bias)[0]
 
 
+def modulated_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, scale: Tensor, shift: Tensor) -> Tensor:
+    """layer_norm(x, weight, bias) * (1 + scale) + shift (adaLN); scale/shift broadcast to x, e.g. (b, 1, c).
+
+    On CPU the LayerNorm kernel runs on one thread (11.5 ms for 2048 x 1024 fp32); there the
+    mean and the (centred, two-pass) variance are matrix-vector products and the affine is
+    folded into the modulation: 6 ms for norm + modulation instead of 15.
+    """
+    if on_ascend():
+        return layer_norm(x, weight, bias, eps) * (1 + scale) + shift
+    c = x.shape[-1]
+    average = ops.full((c, 1), 1.0 / c, dtype=x.dtype)
+    rows = x.reshape(-1, c)
+    centred = rows - ops.matmul(rows, average)
+    normed = centred * ops.rsqrt(ops.matmul(centred * centred, average) + eps)
+    return normed.reshape(x.shape) * (weight * (1 + scale)) + (bias * (1 + scale) + shift)
+
+
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """x / sqrt(mean(x^2) + eps), computed in fp32, cast back, then scaled by `weight`.
 

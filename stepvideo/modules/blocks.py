@@ -168,8 +168,9 @@ class FeedForward(nn.Cell):
         return hidden_states
 
 
-def modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+def modulate(norm: LayerNorm, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """norm(x) * (1 + scale) + shift."""
+    return backend.modulated_layer_norm(x, norm.weight, norm.bias, norm.eps, scale, shift)
 
 
 class StepVideoTransformerBlock(nn.Cell):
@@ -222,7 +223,7 @@ class StepVideoTransformerBlock(nn.Cell):
         """x (b, n, D), timestep (b, 6D) -> q, k, v (b, n, heads, head_dim) for the self-attention."""
         mod = self.scale_shift_table.expand_dims(0) + timestep.reshape(-1, 6, self.dim)  # (b, 6, D)
         shift_msa, scale_msa = mod[:, 0:1], mod[:, 1:2]
-        return self.attn1.qkv(modulate(self.norm1(x), scale_msa, shift_msa), cos, sin)
+        return self.attn1.qkv(modulate(self.norm1, x, scale_msa, shift_msa), cos, sin)
 
     def after_attn1(self, x: Tensor, attn: Tensor, kv: Tensor, timestep: Tensor,
                     attn_mask: Optional[Tensor]) -> Tensor:
@@ -231,7 +232,7 @@ class StepVideoTransformerBlock(nn.Cell):
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, 2:3], mod[:, 3:4], mod[:, 4:5], mod[:, 5:6]
         x = gate_msa * self.attn1.out(attn) + x
         x = self.attn2(x, kv, attn_mask) + x
-        x = gate_mlp * self.ff(modulate(self.norm2(x), scale_mlp, shift_mlp)) + x
+        x = gate_mlp * self.ff(modulate(self.norm2, x, scale_mlp, shift_mlp)) + x
         return x
 
     def construct(self, q: Tensor, kv: Tensor, timestep: Tensor, attn_mask: Optional[Tensor] = None,

@@ -71,3 +71,18 @@ def test_replaced_hook_runs_eagerly_between_compiled_pieces(model, fixtures, in_
     heads = model.config.num_attention_heads
     assert seen == [(b, f * h * w, heads, model.config.attention_head_dim)] * len(model.transformer_blocks)
     assert_parity(out, outputs["c0.output"], "c0.output (compiled blocks, replaced hook)")
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0], ids=["centred", "large-mean"])
+def test_modulated_layer_norm_against_float64(offset):
+    """The CPU form (matrix-vector mean and centred variance, affine folded into the modulation)."""
+    from mindspore import Tensor
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 64, 96)) * 2.0 + offset
+    w, b = 1 + 0.1 * rng.standard_normal(96), 0.1 * rng.standard_normal(96)
+    scale, shift = 0.2 * rng.standard_normal((2, 1, 96)), 0.2 * rng.standard_normal((2, 1, 96))
+    mean = x.mean(-1, keepdims=True)
+    ref = ((x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * w + b) * (1 + scale) + shift
+    f32 = lambda a: Tensor(a.astype(np.float32))  # noqa: E731
+    out = backend.modulated_layer_norm(f32(x), f32(w), f32(b), 1e-5, f32(scale), f32(shift))
+    assert_parity(out, ref, f"modulated_layer_norm ({offset=})")
