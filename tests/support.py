@@ -11,7 +11,7 @@ from stepvideo.utils import safetensors_io as st
 
 ROOT = Path(__file__).resolve().parents[1]
 # CI clones main with shared/ beside it; STEPVIDEO_GOLDEN overrides.
-GOLDEN = Path(os.environ.get("STEPVIDEO_GOLDEN", ROOT.parent / "shared" / "golden"))
+GOLDEN = Path(os.environ.get("STEPVIDEO_GOLDEN", ROOT.parent / "shared/golden"))
 
 
 def golden(component: str) -> Path:
