@@ -43,6 +43,7 @@ if [[ -n "${ASCEND_RT_VISIBLE_DEVICES:-}" ]]; then
 fi
 
 # A port in use makes msrun wait until CLUSTER_TIME_OUT; check it (or pick a free one) first.
+# (A probe, not a server: binding every interface finds a port taken on any of them.)
 if [[ -n "${MASTER_PORT:-}" ]]; then
   python - "$MASTER_PORT" <<'EOF' || die "MASTER_PORT=$MASTER_PORT is already in use on this machine; free it, choose another, or unset MASTER_PORT to pick a free port"
 import socket, sys

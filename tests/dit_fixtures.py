@@ -4,8 +4,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from mindspore import Tensor
 
+from stepvideo.modules.model import StepVideoModel
 from support import golden, load
 
 
@@ -30,3 +32,15 @@ def call_kwargs(inputs: dict, case: str, rows=slice(None)) -> dict:
 
 def dit_inputs() -> dict:
     return load("dit", "inputs")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """The golden DiT loaded through the real from_pretrained (import this fixture into a test module)."""
+    return StepVideoModel.from_pretrained(transformer_folder(tmp_path_factory.mktemp("dit") / "transformer"))
+
+
+@pytest.fixture(scope="module")
+def fixtures():
+    """(inputs, outputs) of the golden DiT cases."""
+    return load("dit", "inputs"), load("dit", "outputs")

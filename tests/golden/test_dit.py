@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mindspore import ops
 
-from dit_fixtures import call_kwargs, transformer_folder
+from dit_fixtures import fixtures, model, call_kwargs, transformer_folder
 from stepvideo import backend
 from stepvideo.checkpoint import save_sharded
 from stepvideo.modules.model import StepVideoModel
@@ -17,16 +17,6 @@ from support import assert_parity, cases, golden, load
 
 CASES = [c["name"] for c in cases("dit")["cases"]]
 NUM_LAYERS = json.loads((golden("dit") / "config.json").read_text())["num_layers"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return StepVideoModel.from_pretrained(transformer_folder(tmp_path_factory.mktemp("dit") / "transformer"))
-
-
-@pytest.fixture(scope="module")
-def fixtures():
-    return load("dit", "inputs"), load("dit", "outputs")
 
 
 def test_config_is_read_from_the_folder(model):

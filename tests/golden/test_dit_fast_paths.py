@@ -3,20 +3,10 @@ per forward, and a replaced attention hook that still runs eagerly between the c
 import numpy as np
 import pytest
 
-from dit_fixtures import call_kwargs, transformer_folder
+from dit_fixtures import fixtures, model, call_kwargs, transformer_folder
 from stepvideo import backend
 from stepvideo.modules.model import StepVideoModel
 from support import assert_parity, load
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return StepVideoModel.from_pretrained(transformer_folder(tmp_path_factory.mktemp("dit") / "transformer"))
-
-
-@pytest.fixture(scope="module")
-def fixtures():
-    return load("dit", "inputs"), load("dit", "outputs")
 
 
 def test_compiled_blocks_match_golden_and_eager(model, fixtures, in_tmp):
