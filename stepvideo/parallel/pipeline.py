@@ -176,6 +176,12 @@ class DistributedDiT:
                  report.tensors, report.bytes / 2**20, report.seconds)
         return dit
 
+    def set_jit(self, enabled: bool) -> "DistributedDiT":
+        """Compiled graphs for the stage's blocks and embeddings (`StepVideoModel.set_jit`); the
+        Ulysses attention runs eagerly between each block's two compiled pieces."""
+        self.model.set_jit(enabled)
+        return self
+
     @property
     def dtype(self) -> ms.dtype:
         return self.model.dtype

@@ -112,6 +112,8 @@ def run(args: argparse.Namespace, text_encoder=None, video_decoder=None):
         transformer = StepVideoModel.from_pretrained(model_dir / "transformer")
         rank = 0
 
+    transformer.set_jit(not args.eager)
+
     encoder = decoder = None
     if rank == 0:
         encoder, decoder = _encoders(args, text_encoder, video_decoder)

@@ -4,7 +4,8 @@ One checkpoint and two single-process references serve every job:
 - video A: 1 latent frame of 5 x 7 = 35 tokens (no Ulysses degree divides it: padding);
 - video C: 1 latent frame of 2 x 5 = 10 tokens (divisible by 2).
 Each layout's final latents (rank 0 writes them) must equal the single-process
-run within 1e-5 relative for the same seed. The 4-rank job also checks the
+run within 1e-5 relative for the same seed; the DiT runs compiled (the default),
+and once eagerly (--eager) against the compiled single-process run. The 4-rank job also checks the
 per-rank weight memory, the counted traffic against `step_traffic`, and the
 pipeline idle time. Failure jobs check that a raising rank or a bad layout ends
 the job quickly with the error on the console. Every job runs in a temp folder;
@@ -114,6 +115,14 @@ def test_layout_matches_single_process(model_dir, workdir, single, name, video, 
         logs = "".join(job.worker_log(r) for r in range(workers))
         for rank, holds in enumerate(["input embeddings + blocks 0-0", "blocks 1-3", "blocks 4-5 + output layer"]):
             assert f"rank {rank} (stage {rank} of 3, sp rank 0 of 1) holds {holds}" in logs
+
+
+def test_eager_flag_matches_compiled(model_dir, workdir, single):
+    """--eager runs the DiT op by op; the default compiles it. Both must give the same latents."""
+    path = workdir / "single_A_eager.safetensors"
+    job = run_single(RUN_PARALLEL, run_args(model_dir, "A", path, "--ulysses_degree", "1", "--eager"), workdir)
+    assert job.returncode == 0, job.console[-3000:]
+    assert_close("eager vs compiled", st.load_file(path)["latents"], single["A"])
 
 
 def test_launcher_script_runs_pp2(model_dir, workdir, single):
