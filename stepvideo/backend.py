@@ -138,13 +138,18 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)(x, weight, bias)[0]
 
 
-def modulated_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, scale: Tensor, shift: Tensor) -> Tensor:
+def modulated_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, scale: Tensor,
+                         shift: Tensor) -> Tensor:
     """layer_norm(x, weight, bias) * (1 + scale) + shift (adaLN); scale/shift broadcast to x, e.g. (b, 1, c).
+
+    weight and bias None: a LayerNorm without affine (the DiT's output norm).
 
     On CPU the LayerNorm kernel runs on one thread (11.5 ms for 2048 x 1024 fp32); there the
     mean and the (centred, two-pass) variance are matrix-vector products and the affine is
     folded into the modulation: 6 ms for norm + modulation instead of 15.
     """
+    if weight is None:
+        weight, bias = ops.ones(x.shape[-1:], x.dtype), ops.zeros(x.shape[-1:], x.dtype)
     if on_ascend():
         return layer_norm(x, weight, bias, eps) * (1 + scale) + shift
     c = x.shape[-1]

@@ -50,6 +50,7 @@ import numpy as np
 from mindone.diffusers.configuration_utils import ConfigMixin, register_to_config
 from mindspore import Tensor, nn, ops
 
+from stepvideo import backend
 from stepvideo.checkpoint import PretrainedMixin
 from stepvideo.layers import LayerNorm, Linear, lazy_parameter
 from stepvideo.modules.blocks import PatchEmbed, StepVideoTransformerBlock
@@ -255,7 +256,9 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         p, c = self.patch_size, self.out_channels
         # Row 0 is the shift, row 1 the scale; the same for every frame of a sample.
         shift, scale = ops.split(self.scale_shift_table.expand_dims(0) + embedded_timestep.expand_dims(1), 1, axis=1)
-        x = self.norm_out(hidden_states) * (1 + scale) + shift
+        # norm_out(x) * (1 + scale) + shift, as one backend function (see modulated_layer_norm)
+        x = backend.modulated_layer_norm(hidden_states, self.norm_out.weight, self.norm_out.bias,
+                                         self.norm_out.eps, scale, shift)
         x = self.proj_out(x)  # (b, f*h*w, p*p*c)
         # (contiguous before the final reshape: see the note on views in blocks.py)
         x = x.reshape(b, frames, height, width, p, p, c).transpose(0, 1, 6, 2, 4, 3, 5).contiguous()

@@ -76,3 +76,6 @@ def test_modulated_layer_norm_against_float64(offset):
     f32 = lambda a: Tensor(a.astype(np.float32))  # noqa: E731
     out = backend.modulated_layer_norm(f32(x), f32(w), f32(b), 1e-5, f32(scale), f32(shift))
     assert_parity(out, ref, f"modulated_layer_norm ({offset=})")
+    plain = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-6) * (1 + scale) + shift
+    out = backend.modulated_layer_norm(f32(x), None, None, 1e-6, f32(scale), f32(shift))
+    assert_parity(out, plain, f"modulated_layer_norm without affine ({offset=})")
