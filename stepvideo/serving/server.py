@@ -233,6 +233,16 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
         return {"status": "ok", "models": {"caption": caption is not None, "vae": vae is not None},
                 "device": device, "dtype": dtype, **worker.status()}
 
+    async def run_model(job: str, fn, arg, failure: str, context: str):
+        """fn(arg) on the model worker; a model exception becomes a 500 naming `failure`."""
+        try:
+            return await worker.run(job, fn, arg, max_waiting=limits.max_waiting)
+        except ApiError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any model failure becomes a 500 with its message
+            log.exception("%s %s", failure, context)
+            raise ApiError(500, f"{failure}: {type(e).__name__}: {e}") from None
+
     @app.post(CAPTION_PATH)
     async def caption_api(request: Request):
         if caption is None:
@@ -245,13 +255,8 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
                                           max_prompt_chars=limits.max_prompt_chars)
         except wire.WireError as e:
             raise ApiError(400, str(e)) from None
-        try:
-            out = await worker.run("caption", caption.encode, prompts, max_waiting=limits.max_waiting)
-        except ApiError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any model failure becomes a 500 with its message
-            log.exception("caption model failed on %d prompt(s)", len(prompts))
-            raise ApiError(500, f"caption model failed: {type(e).__name__}: {e}") from None
+        out = await run_model("caption", caption.encode, prompts, "caption model failed",
+                              f"on {len(prompts)} prompt(s)")
         return _tensor_response(out.as_dict())
 
     @app.post(VAE_PATH)
@@ -268,13 +273,8 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
             raise ApiError(400, str(e)) from None
         if not np.isfinite(samples).all():
             raise ApiError(400, "samples contain NaN or infinite values")
-        try:
-            video = await worker.run("vae", vae.decode, samples, max_waiting=limits.max_waiting)
-        except ApiError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any model failure becomes a 500 with its message
-            log.exception("VAE decode failed on samples of shape %s", samples.shape)
-            raise ApiError(500, f"VAE decode failed: {type(e).__name__}: {e}") from None
+        video = await run_model("vae", vae.decode, samples, "VAE decode failed",
+                                f"on samples of shape {samples.shape}")
         return _tensor_response({"video": video})
 
     return app
