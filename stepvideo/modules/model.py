@@ -6,6 +6,11 @@ Call (as the pipeline does):
           encoder_attention_mask=(b, L_clip + L), encoder_hidden_states_2=(b, L_clip, C_clip),
           return_dict=False) -> (b, f, c_out, h, w)         (return_dict=True: {"x": output})
 
+Step-Video-TI2V (image-to-video) is this model with `use_additional_conditions=True`;
+it also takes `condition_hidden_states=(b, f, c, h, w)` (the image latent in frame 0,
+zeros elsewhere), concatenated with the latent along channels before the patch
+embedding, and `motion_score=<float>`, whose embedding is added to the timestep's.
+
 The forward is split into named steps so that parallel code can drive it from
 outside without this file knowing about ranks:
 
@@ -37,8 +42,9 @@ Differences from the original, none of which changes a number:
   queries instead of being materialised as (b, n, L_kv).
 - `attention_type`, `dropout` and `norm_type` are config fields only (as in
   the original, where dropout/norm_type are unused and attention_type only picks
-  the single-process or xfuser attention kernel); `use_additional_conditions=True`
-  is rejected because no published checkpoint uses it.
+  the single-process or xfuser attention kernel).
+- TI2V: a missing condition latent or motion score is an error naming it (the
+  original failed inside torch); the condition is only accepted by a TI2V model.
 """
 from __future__ import annotations
 
@@ -99,17 +105,17 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         attention_type: Optional[str] = "parallel",
     ):
         super().__init__()
-        if use_additional_conditions:
-            raise ValueError("use_additional_conditions=True is not supported (resolution/fps conditioning is "
-                             "not used by any Step-Video checkpoint); expected False")
         if attention_type not in ("parallel", "torch"):
             raise ValueError(f"attention_type={attention_type!r}: expected 'parallel' or 'torch'")
         self.inner_dim = num_attention_heads * attention_head_dim
         self.out_channels = in_channels if out_channels is None else out_channels
         self.patch_size = patch_size
         self.in_channels = in_channels
+        self.use_additional_conditions = bool(use_additional_conditions)
 
-        self.pos_embed = PatchEmbed(patch_size=patch_size, in_channels=in_channels, embed_dim=self.inner_dim)
+        # TI2V: the patch embedding sees [latent | condition latent] along channels.
+        patch_channels = 2 * in_channels if self.use_additional_conditions else in_channels
+        self.pos_embed = PatchEmbed(patch_size=patch_size, in_channels=patch_channels, embed_dim=self.inner_dim)
         self.transformer_blocks = nn.CellList(
             [StepVideoTransformerBlock(dim=self.inner_dim, attention_head_dim=attention_head_dim)
              for _ in range(num_layers)])
@@ -118,7 +124,7 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         self.scale_shift_table = lazy_parameter((2, self.inner_dim))
         self.proj_out = Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
 
-        self.adaln_single = AdaLayerNormSingle(self.inner_dim)
+        self.adaln_single = AdaLayerNormSingle(self.inner_dim, use_additional_conditions=self.use_additional_conditions)
 
         if isinstance(caption_channels, int):
             caption_channel, self.clip_channel = caption_channels, None
@@ -137,9 +143,21 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
     # ----------------------------------------------------------------------- 1. inputs
 
     def patchfy(self, hidden_states: Tensor) -> Tensor:
-        """(b, f, c, h, w) -> (b*f, (h/p)*(w/p), D): each frame's patches, row-major."""
+        """(b, f, c, h, w) -> (b*f, (h/p)*(w/p), D): each frame's patches, row-major.
+
+        For TI2V, c is 2 * in_channels: `join_condition` puts the condition latent after the latent.
+        """
         b, f, c, h, w = hidden_states.shape
         return self.pos_embed(hidden_states.reshape(b * f, c, h, w))
+
+    @staticmethod
+    def join_condition(hidden_states: Tensor, condition_hidden_states: Tensor) -> Tensor:
+        """TI2V: (b, f, c, h, w) latent and condition -> (b, f, 2c, h, w), latent channels first."""
+        return ops.cat((hidden_states, condition_hidden_states.astype(hidden_states.dtype)), 2)
+
+    def motion_scores(self, motion_score: float, batch: int) -> Tensor:
+        """TI2V: one float -> (batch,) in the model dtype, as the original repeats it over the batch."""
+        return Tensor(np.full((batch,), motion_score, np.float32)).astype(self.dtype)
 
     def prepare_attn_mask(self, encoder_attention_mask: Tensor, encoder_hidden_states: Tensor):
         """Cut the text tokens to the longest valid row and mask each row beyond its own count.
@@ -155,6 +173,23 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         longest = int(counts.max())
         mask = np.arange(longest)[None, None, :] < counts[:, None, None]
         return encoder_hidden_states[:, :longest], Tensor.from_numpy(mask)
+
+    def _check_conditions(self, hidden_states, condition_hidden_states, motion_score):
+        """TI2V needs both the condition latent (shaped like the latent) and a motion score; T2V neither."""
+        if not self.use_additional_conditions:
+            if condition_hidden_states is not None or motion_score is not None:
+                raise ValueError("condition_hidden_states / motion_score: this is a text-to-video model "
+                                 "(use_additional_conditions=False); expected None for both")
+            return
+        if condition_hidden_states is None:
+            raise ValueError("condition_hidden_states: this image-to-video model (use_additional_conditions=True) "
+                             f"needs the condition latent, shape {tuple(hidden_states.shape)} like hidden_states")
+        if tuple(condition_hidden_states.shape) != tuple(hidden_states.shape):
+            raise _shape_error("condition_hidden_states", f"{tuple(hidden_states.shape)} (as hidden_states)",
+                               condition_hidden_states)
+        if isinstance(motion_score, bool) or not isinstance(motion_score, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(motion_score):
+            raise ValueError(f"motion_score: this image-to-video model needs a finite number, got {motion_score!r}")
 
     def _check_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                       encoder_hidden_states_2):
@@ -197,18 +232,29 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         return text
 
     def embed(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
-              encoder_attention_mask: Tensor, encoder_hidden_states_2: Optional[Tensor] = None) -> Embedded:
-        """Patch embedding, timestep modulation, text projection and truncation, RoPE grid."""
+              encoder_attention_mask: Tensor, encoder_hidden_states_2: Optional[Tensor] = None,
+              condition_hidden_states: Optional[Tensor] = None, motion_score: Optional[float] = None) -> Embedded:
+        """Patch embedding, timestep modulation, text projection and truncation, RoPE grid.
+
+        TI2V (`use_additional_conditions`): `condition_hidden_states` (b, f, c, h, w) joins the latent
+        before the patch embedding and `motion_score` (a float) joins the timestep embedding.
+        """
         self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                            encoder_hidden_states_2)
+        self._check_conditions(hidden_states, condition_hidden_states, motion_score)
         b, frames, _, h, w = hidden_states.shape
         height, width = h // self.patch_size, w // self.patch_size
 
-        tokens = self._patchfy(hidden_states.astype(self.dtype))  # (b*f, h*w, D)
+        patch_input = hidden_states.astype(self.dtype)
+        scores = None
+        if self.use_additional_conditions:
+            patch_input = self.join_condition(patch_input, condition_hidden_states)
+            scores = self.motion_scores(motion_score, b)
+        tokens = self._patchfy(patch_input)  # (b*f, h*w, D)
         tokens = tokens.reshape(b, frames * height * width, self.inner_dim)
 
         # Kept eager: compiled, the x1000 timestep phases round differently (1e-5 on the output).
-        modulation, embedded_timestep = self.adaln_single(timestep)
+        modulation, embedded_timestep = self.adaln_single(timestep, scores)
         text, attn_mask = self.prepare_attn_mask(encoder_attention_mask,
                                                  self._project_text(encoder_hidden_states, encoder_hidden_states_2))
 
@@ -268,9 +314,10 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
 
     def construct(self, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                   encoder_hidden_states_2: Optional[Tensor] = None, timestep: Optional[Tensor] = None,
-                  encoder_attention_mask: Optional[Tensor] = None, return_dict: bool = True):
+                  encoder_attention_mask: Optional[Tensor] = None, return_dict: bool = True,
+                  condition_hidden_states: Optional[Tensor] = None, motion_score: Optional[float] = None):
         e = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                       encoder_hidden_states_2)
+                       encoder_hidden_states_2, condition_hidden_states, motion_score)
         x = self.block_forward(e.hidden_states, e.encoder_hidden_states, e.timestep, e.rope_grid, e.attn_mask)
         output = self._final_layer(x, e.embedded_timestep, e.frames, e.height, e.width)
         return {"x": output} if return_dict else output

@@ -6,11 +6,13 @@ Parameter names follow the checkpoint (`adaln_single.emb.timestep_embedder.linea
 `RMSNorm` is re-exported from `stepvideo.layers` (normalise in fp32, cast back,
 then scale), which is the original's `normalization.RMSNorm`.
 
+`use_additional_conditions=True` is Step-Video-TI2V's image-to-video DiT: a
+motion-score embedding (`adaln_single.emb.motion_score_embedder.*`, the same
+256-channel [cos, sin] projection as the timestep's, but of the raw score, not
+x1000) is added to the timestep embedding.
+
 Left out on purpose: the original's `TimestepEmbedding.cond_proj` / `post_act`
-(never enabled in this model) and the `use_additional_conditions` branch of
-`PixArtAlphaCombinedTimestepSizeEmbeddings` (resolution / frame-count / fps
-embedders; no published Step-Video checkpoint enables it, so `StepVideoModel`
-rejects that config value instead of carrying untested weights).
+(never enabled in this model).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from stepvideo import backend
 from stepvideo.layers import Linear, RMSNorm
 
 __all__ = ["RMSNorm", "get_timestep_embedding", "Timesteps", "TimestepEmbedding",
-           "PixArtAlphaCombinedTimestepSizeEmbeddings", "AdaLayerNormSingle", "PixArtAlphaTextProjection"]
+           "PixArtAlphaCombinedTimestepSizeEmbeddings", "AdaLayerNormSingle",
+           "PixArtAlphaTextProjection"]
 
 
 def _frequencies(half_dim: int, downscale_freq_shift: float, max_period: float) -> np.ndarray:
@@ -82,34 +85,52 @@ class TimestepEmbedding(nn.Cell):
 
 
 class PixArtAlphaCombinedTimestepSizeEmbeddings(nn.Cell):
-    """Timestep -> 256-channel [cos, sin] embedding -> MLP -> (n, embedding_dim)."""
+    """Timestep -> 256-channel [cos, sin] embedding -> MLP -> (n, embedding_dim), plus TI2V's motion score.
 
-    def __init__(self, embedding_dim: int):
+    With `use_additional_conditions` (Step-Video-TI2V) the motion score gets the same projection
+    (`additional_condition_proj`, no weights) and MLP shape (`motion_score_embedder`, its own
+    weights), and `conditioning = timestep_emb + motion_score_emb`.
+    """
+
+    def __init__(self, embedding_dim: int, use_additional_conditions: bool = False):
         super().__init__()
         self.time_proj = Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.timestep_embedder = TimestepEmbedding(in_channels=256, time_embed_dim=embedding_dim)
+        self.use_additional_conditions = use_additional_conditions
+        if use_additional_conditions:
+            self.additional_condition_proj = Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.motion_score_embedder = TimestepEmbedding(in_channels=256, time_embed_dim=embedding_dim)
 
-    def construct(self, timestep: Tensor) -> Tensor:
+    def embed_motion_score(self, motion_score: Tensor) -> Tensor:
+        """(n,) scores, used as they are (unlike the timestep, not rescaled) -> (n, embedding_dim)."""
+        proj = self.additional_condition_proj(motion_score)
+        return self.motion_score_embedder(proj.astype(self.motion_score_embedder.linear_1.weight.dtype))
+
+    def construct(self, timestep: Tensor, motion_score: Tensor = None) -> Tensor:
         proj = self.time_proj(timestep)
-        return self.timestep_embedder(proj.astype(self.timestep_embedder.linear_1.weight.dtype))
+        emb = self.timestep_embedder(proj.astype(self.timestep_embedder.linear_1.weight.dtype))
+        if self.use_additional_conditions:
+            emb = emb + self.embed_motion_score(motion_score)
+        return emb
 
 
 class AdaLayerNormSingle(nn.Cell):
     """adaLN-single (PixArt-alpha): one timestep embedding shared by all blocks.
 
     The timestep arrives in [0, 1] (the scheduler's sigma) and is rescaled by
-    `time_step_rescale` (1000) before the sinusoidal embedding.
+    `time_step_rescale` (1000) before the sinusoidal embedding; TI2V's motion score
+    (`use_additional_conditions`) is not rescaled.
     """
 
-    def __init__(self, embedding_dim: int, time_step_rescale: float = 1000):
+    def __init__(self, embedding_dim: int, time_step_rescale: float = 1000, use_additional_conditions: bool = False):
         super().__init__()
-        self.emb = PixArtAlphaCombinedTimestepSizeEmbeddings(embedding_dim)
+        self.emb = PixArtAlphaCombinedTimestepSizeEmbeddings(embedding_dim, use_additional_conditions)
         self.linear = Linear(embedding_dim, 6 * embedding_dim)
         self.time_step_rescale = time_step_rescale
 
-    def construct(self, timestep: Tensor):
-        """(b,) -> (modulation (b, 6D), embedded_timestep (b, D))."""
-        embedded_timestep = self.emb(timestep * self.time_step_rescale)
+    def construct(self, timestep: Tensor, motion_score: Tensor = None):
+        """(b,) [+ (b,) motion scores] -> (modulation (b, 6D), embedded_timestep (b, D))."""
+        embedded_timestep = self.emb(timestep * self.time_step_rescale, motion_score)
         return self.linear(backend.silu(embedded_timestep)), embedded_timestep
 
 

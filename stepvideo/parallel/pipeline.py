@@ -194,18 +194,21 @@ class DistributedDiT:
 
     def __call__(self, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  encoder_hidden_states_2: Optional[Tensor] = None, timestep: Optional[Tensor] = None,
-                 encoder_attention_mask: Optional[Tensor] = None, return_dict: bool = True):
+                 encoder_attention_mask: Optional[Tensor] = None, return_dict: bool = True,
+                 condition_hidden_states: Optional[Tensor] = None, motion_score: Optional[float] = None):
         """Same inputs as `StepVideoModel`; every rank returns the (b, f, c_out, h, w) prediction.
 
         Only the first stage reads the inputs (the others take their micro-batches from the
-        previous stage); every rank must call with the same batch size.
+        previous stage); every rank must call with the same batch size. TI2V's condition latent
+        joins the latent before the patch embedding, so its tokens are sharded and handed on
+        exactly as the video tokens are (they are the same tokens).
         """
         started = time.perf_counter()
         before = self.collectives.snapshot()
         wait = 0.0
         if self.plan.first:
             e = self.model.embed(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                                 encoder_hidden_states_2)
+                                 encoder_hidden_states_2, condition_hidden_states, motion_score)
         outputs = []
         for row in range(hidden_states.shape[0]):  # micro-batches of one row
             if self.plan.first:

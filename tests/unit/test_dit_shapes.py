@@ -244,7 +244,9 @@ def test_wrong_block_range_and_config_raise(golden_model):
                                    blocks=range(1, 3))
     with pytest.raises(ValueError, match="head_dim=64"):
         StepVideoModel(num_attention_heads=2, attention_head_dim=64, num_layers=1)
-    with pytest.raises(ValueError, match="use_additional_conditions"):
-        StepVideoModel(num_layers=0, use_additional_conditions=True)
+    # use_additional_conditions=True is Step-Video-TI2V (tests/golden/test_ti2v_dit.py); a T2V model refuses
+    # the TI2V inputs.
+    with pytest.raises(ValueError, match="this is a text-to-video model"):
+        golden_model(**call_kwargs(dit_inputs(), "c0"), motion_score=2.0, return_dict=False)
     with pytest.raises(ValueError, match="attention_type"):
         StepVideoModel(num_layers=0, attention_type="flash")
