@@ -9,6 +9,13 @@ Text encoding and decoding go through two small interfaces (`encode(prompts)`
 and `decode(latents)`) with a remote implementation (the HTTP services, as in
 the original deployment) and an in-process one; see `stepvideo.serving`.
 
+Image-to-video (Step-Video-TI2V: a transformer with `use_additional_conditions`)
+as its pipeline: `first_image` is resized and centre-cropped to the video size
+(`image_condition.py`), encoded by the VAE (`image_encoding.encode`), and the
+condition latent (the image latent in frame 0, zeros after) goes to every DiT
+call with `motion_score`. TI2V's own defaults differ: 102 frames, motion 2.0
+here (its run_parallel: 5), its own magic prompts (`stepvideo.config`).
+
 What differs from the original, on purpose:
 - `guidance_scale <= 1` runs without guidance (the original still encoded the
   negative prompt and crashed on the batch mismatch).
@@ -20,6 +27,11 @@ What differs from the original, on purpose:
   and Ascend), then rounded to bf16 values as the original draws it in bf16;
   user-given latents are rounded to bf16 values like the original casts them.
 - Bad arguments raise ValueError before any model work.
+- TI2V: the condition latent has the model batch (2 rows per video with guidance,
+  1 without; the original always built 2 and crashed for guidance <= 1 or several
+  videos); the image latent is rounded to bf16 values as the original casts it;
+  the VAE's posterior noise is drawn from the job's seed (the original's service
+  drew it from an unseeded torch generator).
 """
 from __future__ import annotations
 
@@ -36,6 +48,7 @@ import numpy as np
 from mindspore import Tensor
 from tqdm import tqdm
 
+from stepvideo.diffusion import image_condition
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
 from stepvideo.modules.model import StepVideoModel
 from stepvideo.utils import safetensors_io as st
@@ -84,16 +97,19 @@ class StepVideoPipeline:
         (the distributed DiT); scheduler: `FlowMatchDiscreteScheduler`;
     text_encoding / video_decoding: objects with `encode(prompts)` and
         `decode(latents)` (remote or in-process; set them with `setup_api` or
-        `setup_local`); is_output_rank: only this rank decodes and writes video.
+        `setup_local`); image_encoding: `encode(video, seed)` for TI2V's first
+        image (the VAE; `setup_api`/`setup_local` set it too); is_output_rank:
+        only this rank decodes and writes video.
     """
 
     def __init__(self, transformer, scheduler: FlowMatchDiscreteScheduler, text_encoding=None,
                  video_decoding=None, save_path: str = "./results", name_suffix: str = "",
-                 is_output_rank: bool = True):
+                 is_output_rank: bool = True, image_encoding=None):
         self.transformer = transformer
         self.scheduler = scheduler
         self.text_encoding = text_encoding
         self.video_decoding = video_decoding
+        self.image_encoding = image_encoding
         self.video_processor = VideoProcessor(save_path, name_suffix)
         self.is_output_rank = is_output_rank
 
@@ -123,6 +139,7 @@ class StepVideoPipeline:
 
         self.text_encoding = RemoteCaption(caption_url, **client_kwargs)
         self.video_decoding = RemoteVae(vae_url, **client_kwargs)
+        self.image_encoding = self.video_decoding  # TI2V: the VAE service also encodes the first image
         return self
 
     def setup_local(self, model_dir: Union[str, os.PathLike], text: bool = True,
@@ -133,7 +150,7 @@ class StepVideoPipeline:
         if text:
             self.text_encoding = LocalCaption.from_model_dir(model_dir)
         if vae:
-            self.video_decoding = LocalVae.from_model_dir(model_dir)
+            self.video_decoding = self.image_encoding = LocalVae.from_model_dir(model_dir)
         return self
 
     # ------------------------------------------------------------------ checks
@@ -199,6 +216,43 @@ class StepVideoPipeline:
     def decode_vae(self, latents: np.ndarray) -> np.ndarray:
         return self.video_decoding.decode(latents)
 
+    @property
+    def is_image_to_video(self) -> bool:
+        """A Step-Video-TI2V transformer (condition latent + motion score)."""
+        return bool(self.transformer.config.use_additional_conditions)
+
+    def prepare_image(self, first_image, height: int, width: int) -> Optional[np.ndarray]:
+        """TI2V: the first image resized and centre-cropped to the video, (1, 1, 3, height, width) in [-1, 1].
+
+        None for a text-to-video model; an image for the wrong kind of model is an error.
+        """
+        if not self.is_image_to_video:
+            if first_image is not None:
+                raise ValueError("first_image: this is a text-to-video checkpoint (its transformer config has "
+                                 "use_additional_conditions false); image-to-video needs a Step-Video-TI2V "
+                                 "checkpoint")
+            return None
+        if first_image is None:
+            raise ValueError("first_image: this is an image-to-video (Step-Video-TI2V) checkpoint; give the first "
+                             "frame as a path, a PIL image or an array")
+        image = image_condition.load_image(first_image)
+        return image_condition.resize_and_crop(image, height, width)[None, None]
+
+    def prepare_condition(self, image: np.ndarray, shape: tuple, rows: int, seed: int) -> Tensor:
+        """TI2V: encode the prepared image (VAE posterior sample, noise from `seed`) -> (rows, f, c, h, w).
+
+        The image latent is rounded to bf16 values as the original casts the condition to bf16.
+        """
+        if self.image_encoding is None:
+            raise ValueError("no VAE to encode first_image: call setup_api(vae_url, caption_url) or give "
+                             "image_encoding")
+        latent = np.asarray(self.image_encoding.encode(image, seed=seed), np.float32)
+        _, frames, c, h, w = shape
+        if latent.shape != (1, 1, c, h, w):
+            raise ValueError(f"the VAE encoded the first image to shape {latent.shape}; the DiT needs "
+                             f"(1, 1, {c}, {h}, {w}) for latents of shape {tuple(shape)}")
+        return Tensor.from_numpy(round_to_bf16(image_condition.condition_latents(latent, rows, frames)))
+
     # ------------------------------------------------------------------ call
 
     def __call__(self, prompt: Union[str, List[str]] = None, height: int = 544, width: int = 992,
@@ -207,11 +261,15 @@ class StepVideoPipeline:
                  num_videos_per_prompt: int = 1, seed: Optional[int] = None,
                  generator: Optional[np.random.Generator] = None, latents: Optional[np.ndarray] = None,
                  output_type: str = "mp4", output_file_name: str = "", return_dict: bool = True,
-                 progress: bool = True, callback: Optional[Callable[[int, Dict[str, Tensor]], None]] = None):
+                 progress: bool = True, callback: Optional[Callable[[int, Dict[str, Tensor]], None]] = None,
+                 first_image: Optional[image_condition.ImageInput] = None, motion_score: Optional[float] = None):
         """Generate; returns the mp4 path (or an array for output_type "latent"/"np") on the output rank.
 
         callback(i, tensors) is called after each step with "model_input", "timestep",
-        "noise_pred" (guided) and "latents" (after the scheduler step).
+        "noise_pred" (guided) and "latents" (after the scheduler step), and for TI2V
+        "condition" (the condition latent given to the DiT).
+        first_image / motion_score: image-to-video with a TI2V checkpoint (required there,
+        refused otherwise); motion_score defaults to the original pipeline's 2.0.
         """
         # 1. Check everything before any model work.
         prompts = self._prompts(prompt)
@@ -230,6 +288,13 @@ class StepVideoPipeline:
         if self.text_encoding is None:
             raise ValueError("no text encoder: call setup_api(vae_url, caption_url) or give text_encoding")
         num_frames, width, height = self.check_inputs(num_frames, width, height)
+        image = self.prepare_image(first_image, height, width)
+        if image is None and motion_score is not None:
+            raise ValueError("motion_score: only an image-to-video (Step-Video-TI2V) checkpoint takes it")
+        motion_score = 2.0 if image is not None and motion_score is None else motion_score
+        if image is not None and (isinstance(motion_score, bool) or not isinstance(motion_score, (int, float))
+                                  or not np.isfinite(motion_score)):
+            raise ValueError(f"motion_score must be a finite number, got {motion_score!r}")
         do_cfg = guidance_scale > 1.0
         batch = len(prompts) * num_videos_per_prompt
         shape = latent_shape(batch, num_frames, height, width, self.transformer.config.in_channels)
@@ -240,7 +305,16 @@ class StepVideoPipeline:
 
         # 3. Timesteps and 4. noise.
         self.scheduler.set_timesteps(num_inference_steps=num_inference_steps, time_shift=time_shift)
-        latents = Tensor.from_numpy(self.prepare_latents(shape, seed, generator, latents))
+        if generator is None:
+            generator = np.random.default_rng(seed)
+        latents = Tensor.from_numpy(self.prepare_latents(shape, generator=generator, latents=latents))
+        conditions = {}
+        if image is not None:
+            # The image's posterior noise comes from the same generator, after the latents.
+            condition = self.prepare_condition(image, tuple(latents.shape), 2 * batch if do_cfg else batch,
+                                               seed=int(generator.integers(2**31)))
+            conditions = {"condition_hidden_states": condition.astype(self.transformer.dtype),
+                          "motion_score": float(motion_score)}
 
         # 5. Denoising loop.
         dtype = self.transformer.dtype
@@ -254,14 +328,16 @@ class StepVideoPipeline:
             noise_pred = self.transformer(hidden_states=model_input, timestep=timestep,
                                           encoder_hidden_states=prompt_embeds,
                                           encoder_attention_mask=attention_mask,
-                                          encoder_hidden_states_2=clip_embedding, return_dict=False)
+                                          encoder_hidden_states_2=clip_embedding, return_dict=False,
+                                          **conditions)
             if do_cfg:
                 cond, uncond = noise_pred[:batch], noise_pred[batch:]
                 noise_pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(model_output=noise_pred, timestep=t, sample=latents)
             if callback is not None:
+                extra = {"condition": conditions["condition_hidden_states"]} if conditions else {}
                 callback(i, {"model_input": model_input, "timestep": timestep, "noise_pred": noise_pred,
-                             "latents": latents})
+                             "latents": latents, **extra})
         self.seconds_per_step = (time.perf_counter() - started) / num_inference_steps
 
         # 6. Output (only the output rank decodes and writes).
