@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--enable_llm", type=str2bool, default=True, metavar="True|False",
                         help="serve the caption model (Step-LLM + CLIP) at /caption-api")
     parser.add_argument("--enable_vae", type=str2bool, default=True, metavar="True|False",
-                        help="serve the VAE at /vae-api")
+                        help="serve the VAE at /vae-api (decode) and /vae-encode-api (encode, TI2V)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; anything but loopback should come with --token")
     parser.add_argument("--port", type=int, default=None,

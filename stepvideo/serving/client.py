@@ -4,6 +4,7 @@
     vae = RemoteVae("gpu-node:6001", token=...)
     out = text.encode(["a cat", ""])          # CaptionOutput, exactly what LocalCaption gives
     video = vae.decode(latents)               # float32 (b, frames, 3, 16h, 16w)
+    latents = vae.encode(image, seed=0)       # TI2V: (b, frames, 3, H, W) -> (b, T, 64, H/16, W/16)
 
 A URL may be a host (the service's default port: caption 5000, VAE 5001), `host:port`,
 `[ipv6]` / `[ipv6]:port`, or a full URL `http(s)://host[:port][/path]` (taken literally:
@@ -29,8 +30,10 @@ import httpx
 import numpy as np
 
 from stepvideo.serving import wire
-from stepvideo.serving.interface import CaptionOutput, TextEncoding, VideoDecoding, check_latents, check_prompts
-from stepvideo.serving.wire import CAPTION_PATH, DEFAULT_PORTS, HEALTH_PATH, TOKEN_ENV, VAE_PATH, check_token
+from stepvideo.serving.interface import (CaptionOutput, TextEncoding, VideoDecoding, VideoEncoding, check_latents,
+                                        check_prompts, check_seed, check_video)
+from stepvideo.serving.wire import (CAPTION_PATH, DEFAULT_PORTS, HEALTH_PATH, TOKEN_ENV, VAE_ENCODE_PATH, VAE_PATH,
+                                    check_token)
 
 log = logging.getLogger(__name__)
 
@@ -199,14 +202,15 @@ class _RemoteService:
             pass
         return bytes(body[:500]).decode("utf-8", "replace") or response.reason_phrase
 
-    def _post(self, content: bytes, content_type: str) -> bytearray:
-        response = self._send("POST", self.url, content=content, headers={"content-type": content_type})
+    def _post(self, content: bytes, content_type: str, url: Optional[str] = None) -> bytearray:
+        url = url or self.url
+        response = self._send("POST", url, content=content, headers={"content-type": content_type})
         if response.status_code != 200:
-            raise ServiceError(self.service, self.url, self._error_message(response), response.status_code)
+            raise ServiceError(self.service, url, self._error_message(response), response.status_code)
         got = response.headers.get("content-type", "")
         if got.split(";")[0].strip() != wire.MEDIA_TYPE:
             response.close()
-            raise ServiceError(self.service, self.url, f"answer has Content-Type {got!r}, expected "
+            raise ServiceError(self.service, url, f"answer has Content-Type {got!r}, expected "
                                f"{wire.MEDIA_TYPE} (is this URL a Step-Video service?)", 200)
         return self._read(response, self.max_response_bytes)
 
@@ -243,10 +247,23 @@ class RemoteCaption(_RemoteService, TextEncoding):
         return CaptionOutput(y=out["y"], y_mask=out["y_mask"], clip_embedding=out["clip_embedding"])
 
 
-class RemoteVae(_RemoteService, VideoDecoding):
-    """The VAE service over HTTP."""
+class RemoteVae(_RemoteService, VideoDecoding, VideoEncoding):
+    """The VAE service over HTTP: decode, and encode (TI2V's first image) at the service's encode endpoint."""
 
     service = "vae"
+
+    @property
+    def encode_url(self) -> str:
+        return self.url[: -len(VAE_PATH)] + VAE_ENCODE_PATH
+
+    def encode(self, video: np.ndarray, seed: int = 0) -> np.ndarray:
+        x = check_video(video)
+        body = self._post(wire.encode({"videos": x, "seed": np.array([check_seed(seed)], np.int64)}),
+                          wire.MEDIA_TYPE, url=self.encode_url)
+        b, _, _, h, w = x.shape
+        spec = wire.TensorSpec("latents", ("b", "T", "c", "h", "w"), ("F32", "BF16"),
+                               sizes=(b, None, None, h // 16, w // 16))
+        return self._decode(body, [spec])["latents"]
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         z = check_latents(latents)

@@ -4,8 +4,9 @@
     out = text.encode(["a cat", ""])                    # CaptionOutput(y, y_mask, clip_embedding)
     vae = LocalVae.from_model_dir(model_dir)            # or RemoteVae(vae_url)
     video = vae.decode(latents)                         # (b, T, 64, h, w) -> (b, frames, 3, 16h, 16w)
+    latents = vae.encode(video, seed=0)                 # TI2V's first image: (b, frames, 3, H, W) -> latents
 
-`TextEncoding` and `VideoDecoding` are the interfaces; the local classes run the
+`TextEncoding`, `VideoDecoding` and `VideoEncoding` are the interfaces; the local classes run the
 models in this process, the remote ones (`stepvideo.serving.client`) call the
 HTTP services, which themselves run the local classes, so both give the same
 arrays bit for bit.
@@ -59,6 +60,37 @@ class VideoDecoding(abc.ABC):
     @abc.abstractmethod
     def decode(self, latents: np.ndarray) -> np.ndarray:
         ...
+
+
+class VideoEncoding(abc.ABC):
+    """video (b, frames, 3, H, W) in [-1, 1] -> latents (b, T, 64, H/16, W/16): the VAE posterior's sample.
+
+    The sample is mean + std * noise with the noise drawn from `seed` (numpy PCG64 standard
+    normals in float32), so a service and the in-process VAE give the same latents.
+    """
+
+    @abc.abstractmethod
+    def encode(self, video: np.ndarray, seed: int = 0) -> np.ndarray:
+        ...
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+def check_video(video, channels: int = 3) -> np.ndarray:
+    """A video as a finite float32 (b, frames, channels, H, W) array the VAE can encode, or ValueError."""
+    from stepvideo.serving.wire import check_video_shape
+
+    arr = video.astype(ms.float32).asnumpy() if isinstance(video, Tensor) else np.asarray(video)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"video must be floating point in [-1, 1], got {arr.dtype}")
+    check_video_shape(arr.shape, channels)
+    if not np.isfinite(arr).all():
+        raise ValueError("video contains NaN or infinite values")
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def check_prompts(prompts: Sequence[str]) -> List[str]:
@@ -124,8 +156,8 @@ class LocalCaption(TextEncoding):
         return result
 
 
-class LocalVae(VideoDecoding):
-    """The video VAE in this process (a `stepvideo.vae.vae.AutoencoderKL`)."""
+class LocalVae(VideoDecoding, VideoEncoding):
+    """The video VAE in this process (a `stepvideo.vae.vae.AutoencoderKL`): decode, and encode for TI2V."""
 
     def __init__(self, vae):
         self.vae = vae
@@ -146,3 +178,10 @@ class LocalVae(VideoDecoding):
         # dtype; the VAE casts each chunk itself, so the latents go in as they are.
         z = check_latents(latents, self.z_channels)
         return to_numpy(self.vae.decode(Tensor.from_numpy(z)), "video").astype(np.float32, copy=False)
+
+    def encode(self, video: np.ndarray, seed: int = 0) -> np.ndarray:
+        # The original service multiplied by a scale factor of 1.0 and cast to the VAE's dtype;
+        # the VAE casts each chunk itself.
+        x = check_video(video, self.vae.in_channels)
+        z = self.vae.encode(Tensor.from_numpy(x), generator=check_seed(seed))
+        return to_numpy(z, "latents").astype(np.float32, copy=False)

@@ -6,6 +6,8 @@ Endpoints (each model is optional; a process may serve either or both):
 
     POST /caption-api   JSON {"prompts": [...]}            -> safetensors: y, y_mask, clip_embedding
     POST /vae-api       safetensors: samples (b,T,64,h,w)  -> safetensors: video (b,frames,3,16h,16w)
+    POST /vae-encode-api  safetensors: videos (b,frames,3,H,W), seed (1,) int64
+                                                           -> safetensors: latents (b,T,64,H/16,W/16)
     GET  /health        JSON: models loaded, device, dtype, busy
 
 The original services unpickled request bodies and answered every failure
@@ -49,6 +51,7 @@ if TYPE_CHECKING:  # the models come in built; importing them here would pull in
 log = logging.getLogger(__name__)
 
 CAPTION_PATH, VAE_PATH, HEALTH_PATH = wire.CAPTION_PATH, wire.VAE_PATH, wire.HEALTH_PATH
+VAE_ENCODE_PATH = wire.VAE_ENCODE_PATH
 TOKEN_ENV = wire.TOKEN_ENV
 
 # A 204-frame 544x992 video has latents (1, 36, 64, 34, 62): 19.4 MB in float32.
@@ -69,6 +72,17 @@ class Limits:
     max_latent_side: int = 512  # h and w; 16 pixels each
     max_latent_elements: int = 16 * 2**20  # b*T*64*h*w; the video has ~68x as many values
     max_waiting: int = 32  # requests queued for the model; more get 503 (each holds its body in memory)
+    # VAE encode (TI2V's first image; one frame is the usual request). Its cost grows with
+    # b*frames*H*W like a decode's with its output; this bound is what a 64 MiB body holds in bf16.
+    max_video_frames: int = 17 * 64
+    max_video_side: int = 16 * 512  # H and W, as max_latent_side in pixels
+    max_video_elements: int = 32 * 2**20  # b*frames*3*H*W
+
+    def videos_spec(self) -> wire.TensorSpec:
+        return wire.TensorSpec("videos", ("b", "frames", "c", "H", "W"), ("F32", "BF16", "F16"),
+                               sizes=(None, None, 3, None, None),
+                               max_sizes=(self.max_batch, self.max_video_frames, None,
+                                          self.max_video_side, self.max_video_side))
 
     def samples_spec(self, channels: int) -> wire.TensorSpec:
         return wire.TensorSpec("samples", ("b", "T", "c", "h", "w"), ("F32", "BF16", "F16"),
@@ -192,6 +206,8 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
     if caption is None and vae is None:
         raise ValueError("create_app needs a caption model, a VAE, or both")
     expected_auth = f"Bearer {wire.check_token(token)}".encode("ascii") if token is not None else None
+    # The VAE also encodes (TI2V's first image) when it has `encode(video, seed)`, as LocalVae does.
+    encoder = vae if callable(getattr(vae, "encode", None)) else None
     worker = _ModelWorker()
 
     @contextlib.asynccontextmanager
@@ -211,7 +227,8 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
         message = str(exc.detail)
         if exc.status_code == 404:
             message = (f"no endpoint {request.url.path!r}; this service has "
-                       f"{', '.join(p for p, on in ((CAPTION_PATH, caption), (VAE_PATH, vae)) if on)} and {HEALTH_PATH}")
+                       f"{', '.join(p for p, on in ((CAPTION_PATH, caption), (VAE_ENCODE_PATH, encoder), (VAE_PATH, vae)) if on)}"
+                       f" and {HEALTH_PATH}")
         elif exc.status_code == 405:
             message = f"method {request.method} not allowed on {request.url.path} (use POST; GET only for {HEALTH_PATH})"
         return _error(exc.status_code, message, getattr(exc, "headers", None))
@@ -276,6 +293,29 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
         video = await run_model("vae", vae.decode, samples, "VAE decode failed",
                                 f"on samples of shape {samples.shape}")
         return _tensor_response({"video": video})
+
+    @app.post(VAE_ENCODE_PATH)
+    async def vae_encode_api(request: Request):
+        """TI2V: encode videos (a first image is one frame) to latents, noise drawn from the given seed."""
+        if encoder is None:
+            raise not_served("VAE encoder", "--enable_vae")
+        check_token(request)
+        _require_media_type(request, wire.MEDIA_TYPE)
+        body = await _read_body(request, limits.max_body_bytes)
+        try:
+            got = wire.decode(body, [limits.videos_spec(), wire.TensorSpec("seed", ("n",), ("I64",), sizes=(1,))],
+                              max_elements=limits.max_video_elements + 1, source="request body")
+            wire.check_video_shape(got["videos"].shape)
+        except wire.WireError as e:
+            raise ApiError(400, str(e)) from None
+        videos, seed = got["videos"], int(got["seed"][0])
+        if not 0 <= seed < 2**63:
+            raise ApiError(400, f"seed must be in [0, 2**63), got {seed}")
+        if not np.isfinite(videos).all():
+            raise ApiError(400, "videos contain NaN or infinite values")
+        latents = await run_model("vae-encode", lambda x: encoder.encode(x, seed=seed), videos, "VAE encode failed",
+                                  f"on videos of shape {videos.shape}")
+        return _tensor_response({"latents": latents})
 
     return app
 

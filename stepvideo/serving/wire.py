@@ -37,6 +37,7 @@ JSON_MEDIA_TYPE = "application/json"
 # The HTTP protocol both sides share.
 CAPTION_PATH = "/caption-api"
 VAE_PATH = "/vae-api"
+VAE_ENCODE_PATH = "/vae-encode-api"  # TI2V's first image (the original's name)
 HEALTH_PATH = "/health"
 DEFAULT_PORTS = {"caption": 5000, "vae": 5001}
 TOKEN_ENV = "STEPVIDEO_API_TOKEN"  # the shared secret, sent as "Authorization: Bearer <token>"
@@ -306,3 +307,32 @@ def decode_prompts(body, *, max_prompts: int, max_prompt_chars: int) -> List[str
         except UnicodeEncodeError:  # a lone surrogate written as a \\ud800 escape
             raise WireError(f'"prompts"[{i}] is not valid Unicode text (lone surrogate)') from None
     return prompts
+
+
+# --------------------------------------------------------------------------- VAE encode
+
+
+VIDEO_FRAMES_PER_CHUNK = 17  # the VAE encodes 17-frame chunks independently
+VIDEO_SIDE_MULTIPLE = 16  # 16x spatial compression
+
+
+def check_video_shape(shape: Sequence[int], channels: int = 3) -> None:
+    """Raise WireError unless a (b, frames, channels, H, W) video can be encoded by the VAE.
+
+    H and W must be multiples of 16; every 17-frame chunk (the last may be shorter) must survive
+    the encoder's two causal temporal halvings to an odd length (1-4, 9-12 or 17 frames; 1 frame
+    -- an image -- gives 1 latent frame).
+    """
+    if len(shape) != 5 or shape[2] != channels or min(shape) < 1:
+        raise WireError(f"video: expected shape (b, frames, {channels}, H, W) with every size >= 1, got {list(shape)}")
+    _, frames, _, h, w = shape
+    if h % VIDEO_SIDE_MULTIPLE or w % VIDEO_SIDE_MULTIPLE:
+        raise WireError(f"video: H and W must be multiples of {VIDEO_SIDE_MULTIPLE}, got {h} x {w}")
+    last = frames % VIDEO_FRAMES_PER_CHUNK
+    t = last
+    for _ in range(2):
+        t = (t + 1) // 2
+    if last and t % 2 == 0:
+        raise WireError(f"video: {frames} frames leave a last chunk of {last} frames, which the VAE cannot encode "
+                        f"(chunks are {VIDEO_FRAMES_PER_CHUNK} frames; a shorter last chunk must have 1-4 or "
+                        "9-12 frames)")

@@ -13,6 +13,7 @@ import pytest
 from mindspore import Tensor
 
 from stepvideo.checkpoint import named_parameters
+from stepvideo.serving.interface import LocalVae
 from stepvideo.utils import safetensors_io as st
 from stepvideo.utils.synthetic_weights import rule_kind, rule_seed, rule_weights
 from stepvideo.vae.vae import CHECKPOINT_FILE, AutoencoderKL, DiagonalGaussianDistribution
@@ -116,3 +117,19 @@ def test_encode_e0_moments_posterior_and_intermediates(vae, fixtures):
     sample = vae.encode(x, noise=outputs["e0.noise"])
     assert_parity(sample, outputs["e0.sample"], "e0.sample")
     assert_parity(vae.encode(x, only_return_mean=True), outputs["e0.mean"], "e0.mean (only_return_mean)")
+
+
+def test_image_encode_as_the_services_run_it(vae, fixtures):
+    """TI2V's image encode: `LocalVae.encode` (what the VAE service runs) is the fixture's mean + std * noise,
+    with the noise drawn from the seed; one frame (an image) gives latent frame 0 of the 17-frame chunk,
+    because the encoder is causal in time."""
+    inputs, outputs = fixtures
+    local, seed = LocalVae(vae), 7
+    shape = outputs["e0.mean"].shape
+    noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    assert_parity(local.encode(inputs["e0.video"], seed=seed), outputs["e0.mean"] + outputs["e0.std"] * noise,
+                  "e0 sample (LocalVae.encode)")
+    image = inputs["e0.video"][:, :1]
+    noise = np.random.default_rng(seed).standard_normal((1, 1) + shape[2:], dtype=np.float32)
+    assert_parity(local.encode(image, seed=seed), outputs["e0.mean"][:, :1] + outputs["e0.std"][:, :1] * noise,
+                  "e0 frame 0 alone (1-frame image encode)")
