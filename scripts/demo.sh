@@ -8,11 +8,27 @@
 #   6. check the mp4 by reading it back, and say where it is
 # The services are stopped on exit, on error and on Ctrl-C.
 #
-# Usage: bash scripts/demo.sh ["prompt"]     (env: MODEL_DIR, SAVE_PATH, STEPS, FRAMES, HEIGHT, WIDTH)
+# Usage: bash scripts/demo.sh [--image PATH] ["prompt"]   (env: MODEL_DIR, SAVE_PATH, STEPS, FRAMES, HEIGHT, WIDTH)
+#   --image PATH: image-to-video (Step-Video-TI2V) from that first frame, on the tiny TI2V checkpoint
+#                 (checkpoints/tiny-ti2v, built with make_tiny_checkpoint.py --ti2v)
 set -euo pipefail
+IMAGE=""
+if [ "${1:-}" = "--image" ]; then
+  [ -f "${2:-}" ] || { echo "error: --image needs an image file, got '${2:-}'" >&2; exit 2; }
+  IMAGE=$(realpath "$2")  # before the cd below
+  shift 2
+fi
 cd "$(dirname "$0")/.."
 PROMPT="${1:-A cat walks on the grass, realistic style.}"
-MODEL_DIR="${MODEL_DIR:-checkpoints/tiny}"
+if [ -n "$IMAGE" ]; then
+  MODEL_DIR="${MODEL_DIR:-checkpoints/tiny-ti2v}"
+  TINY_FLAGS=(--ti2v)
+  IMAGE_FLAGS=(--first_image "$IMAGE")
+else
+  MODEL_DIR="${MODEL_DIR:-checkpoints/tiny}"
+  TINY_FLAGS=()
+  IMAGE_FLAGS=()
+fi
 SAVE_PATH="${SAVE_PATH:-results}"
 LOG_DIR="${LOG_DIR:-logs/demo}"
 STEPS="${STEPS:-4}"
@@ -37,7 +53,7 @@ phase "building the tiny checkpoint in $MODEL_DIR"
 if [ -f "$MODEL_DIR/model_index.json" ]; then
   echo "   already there"
 else
-  python scripts/make_tiny_checkpoint.py "$MODEL_DIR"
+  python scripts/make_tiny_checkpoint.py "$MODEL_DIR" "${TINY_FLAGS[@]}"
 fi
 
 phase "converting the CLIP weights (convert.py, no torch, no pickle execution)"
@@ -65,7 +81,7 @@ phase "running the DiT under msrun: 4 workers, Ulysses 2 x pipeline 2 (logs in $
 MODEL_DIR="$MODEL_DIR" CAPTION_URL="$caption_url" VAE_URL="$vae_url" ULYSSES=2 PP=2 DEVICE=cpu \
   LOG_DIR="$LOG_DIR/msrun" bash scripts/run_parallel.sh \
   --prompt "$PROMPT" --infer_steps "$STEPS" --num_frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" \
-  --save_path "$SAVE_PATH" --seed 42
+  --save_path "$SAVE_PATH" --seed 42 "${IMAGE_FLAGS[@]}"
 
 phase "checking the video"
 video=$(ls -1t "$SAVE_PATH"/*.mp4 | head -n 1)

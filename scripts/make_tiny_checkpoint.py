@@ -1,6 +1,6 @@
 """Write a complete tiny Step-Video-T2V model folder in the real layout, with random weights.
 
-    python scripts/make_tiny_checkpoint.py checkpoints/tiny [--seed 0] [--layers 3]
+    python scripts/make_tiny_checkpoint.py checkpoints/tiny [--seed 0] [--layers 3] [--ti2v]
 
 Layout (as the published stepfun-ai/stepvideo-t2v, every file small):
 
@@ -20,6 +20,10 @@ golden fixtures' generation rule (per-key seed from the salt and the key), so th
 bit for bit for the same seed. The sentencepiece tokenizer is trained here on a small built-in
 corpus (deterministic with one thread); the BERT vocabulary is built from the same corpus.
 Nothing is downloaded.
+
+--ti2v writes the Step-Video-TI2V variant (image-to-video): the same folder, but the DiT has
+`use_additional_conditions: true` (a patch embedding over 2 x 64 channels and the motion-score
+embedder), as stepfun-ai/stepvideo-ti2v differs from stepvideo-t2v.
 """
 from __future__ import annotations
 
@@ -64,12 +68,12 @@ CORPUS = [
 ]
 
 
-def dit_config(layers: int) -> dict:
+def dit_config(layers: int, ti2v: bool = False) -> dict:
     return {"_class_name": "StepVideoModel", "_diffusers_version": "0.31.0", "attention_head_dim": 128,
             "attention_type": "parallel", "caption_channels": [LLM_HIDDEN, CLIP_HIDDEN], "dropout": 0.0,
             "in_channels": 64, "norm_elementwise_affine": False, "norm_eps": 1e-06,
             "norm_type": "ada_norm_single", "num_attention_heads": 6, "num_layers": layers, "out_channels": 64,
-            "patch_size": 1, "use_additional_conditions": False}
+            "patch_size": 1, "use_additional_conditions": ti2v}
 
 
 STEP_LLM_CONFIG = {
@@ -99,13 +103,14 @@ def lazy_shapes(net) -> dict:
     return {k: tuple(p.shape) for k, p in named_parameters(net).items()}
 
 
-def write_transformer(out: Path, layers: int, seed: int) -> None:
+def write_transformer(out: Path, layers: int, seed: int, ti2v: bool = False) -> None:
     from stepvideo.modules.model import StepVideoModel
 
-    config = dit_config(layers)
+    config = dit_config(layers, ti2v)
     shapes = lazy_shapes(StepVideoModel.from_config_dict(config))  # builds lazily: no weight memory
     write_json(out / "transformer" / "config.json", config)
-    save_sharded(rule_weights(shapes, salt=f"tiny-dit-{seed}:"), out / "transformer",
+    salt = f"tiny-ti2v-dit-{seed}:" if ti2v else f"tiny-dit-{seed}:"
+    save_sharded(rule_weights(shapes, salt=salt), out / "transformer",
                  "diffusion_pytorch_model", SHARD_BYTES, bf16=True)
 
 
@@ -175,7 +180,7 @@ def write_vae(out: Path, seed: int) -> None:
     st.save_file(folder / "vae_v2.safetensors", tensors, bf16=tensors.keys())
 
 
-def make_tiny_checkpoint(out: Path, seed: int = 0, layers: int = 2) -> Path:
+def make_tiny_checkpoint(out: Path, seed: int = 0, layers: int = 2, ti2v: bool = False) -> Path:
     backend.init("cpu")
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -186,7 +191,7 @@ def make_tiny_checkpoint(out: Path, seed: int = 0, layers: int = 2) -> Path:
     write_json(tmp / "scheduler" / "scheduler_config.json",
                {"_class_name": "FlowMatchDiscreteScheduler", "_diffusers_version": "0.31.0.dev0", "device": None,
                 "num_train_timesteps": 1000, "reverse": False, "solver": "euler"})
-    write_transformer(tmp, layers, seed)
+    write_transformer(tmp, layers, seed, ti2v)
     write_step_llm(tmp, seed)
     write_hunyuan_clip(tmp, seed)
     write_vae(tmp, seed)
@@ -213,11 +218,13 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path, help="folder to create (replaced if it exists)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=2, help="DiT blocks (2: enough for 2 pipeline stages)")
+    parser.add_argument("--ti2v", action="store_true",
+                        help="the Step-Video-TI2V (image-to-video) variant: DiT with use_additional_conditions")
     parser.add_argument("--convert", action="store_true",
                         help="also run convert.py on the CLIP pytorch_model.bin (the demo does this as its own step)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    out = make_tiny_checkpoint(args.out, args.seed, args.layers)
+    out = make_tiny_checkpoint(args.out, args.seed, args.layers, args.ti2v)
     if args.convert:
         convert_clip(out)
     print(f"wrote {out} ({folder_bytes(out) / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f}s")

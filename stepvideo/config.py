@@ -6,6 +6,11 @@ Kept from the original (stepvideo/config.py): --model_dir --vae_url --caption_ur
 --neg_magic. Added: --pp_degree and --layer_split (pipeline stages), --local_models,
 --output_type, --latents_out, --device, --eager, --stats_dir.
 
+Image-to-video (Step-Video-TI2V, chosen by the checkpoint's transformer config):
+--first_image (the original's --first_image_path is accepted too) and
+--motion_score (default 5.0, as TI2V's run_parallel). For a TI2V checkpoint the
+defaults the user did not set become TI2V's own: 102 frames and its magic prompts.
+
 Not kept: --ring_degree and --tensor_parallel_degree (not implemented here: a
 value other than 1 would silently do something else), and the original's
 parsed-but-unused --flow_reverse, --flow_solver, --model_resolution,
@@ -14,6 +19,8 @@ parsed-but-unused --flow_reverse, --flow_solver, --model_resolution,
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 from typing import List, Optional, Sequence
 
 POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
@@ -82,8 +89,67 @@ def build_parser() -> argparse.ArgumentParser:
                                "one compile per block at the first step, then 2.4x faster on CPU)")
     parallel.add_argument("--stats_dir", type=str, default=None,
                           help="each rank writes rank<r>.json here: weights loaded, memory, idle time, traffic")
+    add_image_to_video_args(parser)
+    return parser
+
+
+def add_image_to_video_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ti2v = parser.add_argument_group("image-to-video (Step-Video-TI2V checkpoints)")
+    ti2v.add_argument("--first_image", "--first_image_path", dest="first_image", type=str, default=None,
+                      help="the first frame (an image file); required for a TI2V checkpoint, refused for T2V")
+    ti2v.add_argument("--motion_score", type=float, default=TI2V_MOTION_SCORE,
+                      help="TI2V motion level: 2 steadier, 5 general, 10-20 more movement")
     return parser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None):
-    return build_parser().parse_args(argv, namespace=namespace)
+    parser = build_parser()
+    args = parser.parse_args(argv, namespace=namespace)
+    args.given_flags = _given_flags(parser, argv)
+    return args
+
+
+# ------------------------------------------------------------------------------ image-to-video
+
+# Step-Video-TI2V's own defaults (its stepvideo/config.py).
+TI2V_NUM_FRAMES = 102
+TI2V_MOTION_SCORE = 5.0
+TI2V_POS_MAGIC = ("画面中的主体动作表现生动自然、画面流畅、生动细节、光线统一柔和、超真实动态捕捉、大师级运镜、整体不变形、超高清、"
+                  "画面稳定、逼真的细节、专业级构图、超细节、清晰。")
+TI2V_NEG_MAGIC = "动画、模糊、变形、毁容、低质量、拼贴、粒状、标志、抽象、插图、计算机生成、扭曲、动作不流畅、面部有褶皱、表情僵硬、畸形手指"
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> set:
+    """The destinations the command line set explicitly (a second parse where nothing has a default)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:  # argparse has no public way to drop every default
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def apply_model_kind(args: argparse.Namespace, transformer_config: dict) -> bool:
+    """Check the image flags against the checkpoint kind; True for TI2V, whose defaults replace unset flags.
+
+    Raises ValueError naming the flag when an image goes to a text-to-video checkpoint or a
+    TI2V checkpoint gets none.
+    """
+    given = getattr(args, "given_flags", set())
+    ti2v = bool(transformer_config.get("use_additional_conditions", False))
+    if not ti2v:
+        if args.first_image is not None:
+            raise ValueError(f"--first_image {args.first_image}: this is a text-to-video checkpoint (its "
+                             "transformer/config.json has use_additional_conditions false); image-to-video needs "
+                             "a Step-Video-TI2V checkpoint")
+        if "motion_score" in given:
+            raise ValueError("--motion_score: only a Step-Video-TI2V (image-to-video) checkpoint takes it")
+        return False
+    if args.first_image is None:
+        raise ValueError("this is a Step-Video-TI2V (image-to-video) checkpoint (transformer/config.json has "
+                         "use_additional_conditions true): give the first frame with --first_image PATH")
+    if not os.path.isfile(args.first_image):
+        raise ValueError(f"--first_image {args.first_image}: no such image file")
+    for dest, value in (("num_frames", TI2V_NUM_FRAMES), ("pos_magic", TI2V_POS_MAGIC),
+                        ("neg_magic", TI2V_NEG_MAGIC)):
+        if dest not in given:
+            setattr(args, dest, value)
+    return True

@@ -247,6 +247,8 @@ class StepVideoPipeline:
             raise ValueError("no VAE to encode first_image: call setup_api(vae_url, caption_url) or give "
                              "image_encoding")
         latent = np.asarray(self.image_encoding.encode(image, seed=seed), np.float32)
+        log.info("first image (%dx%d) encoded to a latent of shape %s by %r", image.shape[-1], image.shape[-2],
+                 latent.shape, self.image_encoding)
         _, frames, c, h, w = shape
         if latent.shape != (1, 1, c, h, w):
             raise ValueError(f"the VAE encoded the first image to shape {latent.shape}; the DiT needs "

@@ -7,7 +7,8 @@ Order matters for failing fast:
    stops every process at once with the list of possible layouts;
 2. the process joins the job, builds its stage of the DiT and loads only that
    stage's weights;
-3. rank 0 alone talks to the caption encoder and broadcasts the embeddings;
+3. rank 0 alone talks to the caption encoder and broadcasts the embeddings
+   (and, for a Step-Video-TI2V checkpoint, to the VAE for the first image's latent);
    every rank runs the same denoising loop on identical latents;
 4. rank 0 alone decodes and writes the video (and the latents if asked).
 
@@ -51,7 +52,11 @@ def process_label() -> str:
 
 
 def check_startup(args: argparse.Namespace) -> dict:
-    """Everything that can be checked before joining the job; returns the transformer config."""
+    """Everything that can be checked before joining the job; returns the transformer config.
+
+    The checkpoint's transformer config also decides text- or image-to-video (`apply_model_kind`).
+    """
+    from stepvideo.config import apply_model_kind
     from stepvideo.parallel.mesh import check_layout, split_layers
 
     if not args.prompt:
@@ -61,6 +66,10 @@ def check_startup(args: argparse.Namespace) -> dict:
     try:
         config = read_config(Path(args.model_dir) / "transformer")
     except CheckpointError as e:
+        raise StartupError(f"--model_dir {args.model_dir}: {e}") from None
+    try:
+        apply_model_kind(args, config)
+    except ValueError as e:
         raise StartupError(f"--model_dir {args.model_dir}: {e}") from None
     world = int(os.environ.get("MS_WORKER_NUM", "1")) if launched_by_msrun() else 1
     try:
@@ -81,9 +90,11 @@ def run(args: argparse.Namespace, text_encoder=None, video_decoder=None):
     """One process's part of the job; returns the pipeline's result on rank 0 (None elsewhere).
 
     text_encoder / video_decoder: objects with `encode(prompts)` / `decode(latents)` to use on
-    rank 0 instead of the services or --local_models (tests pass fixed embeddings this way).
+    rank 0 instead of the services or --local_models (tests pass fixed embeddings this way);
+    for TI2V the video_decoder also encodes the first image (`encode(video, seed)`).
     """
-    check_startup(args)
+    config = check_startup(args)
+    image_to_video = bool(config.get("use_additional_conditions", False))
 
     from stepvideo import backend
 
@@ -94,6 +105,7 @@ def run(args: argparse.Namespace, text_encoder=None, video_decoder=None):
     from stepvideo.diffusion.video_pipeline import StepVideoPipeline
     from stepvideo.modules.model import StepVideoModel
     from stepvideo.parallel.collectives import init_process_group, make_collectives
+    from stepvideo.parallel.image import BroadcastImageEncoding
     from stepvideo.parallel.mesh import Mesh
     from stepvideo.parallel.pipeline import DistributedDiT
     from stepvideo.parallel.text import BroadcastTextEncoding
@@ -114,22 +126,31 @@ def run(args: argparse.Namespace, text_encoder=None, video_decoder=None):
 
     transformer.set_jit(not args.eager)
 
-    encoder = decoder = None
+    encoder = vae = None
     if rank == 0:
-        encoder, decoder = _encoders(args, text_encoder, video_decoder)
+        encoder, vae = _encoders(args, text_encoder, video_decoder, image_to_video)
+    decoder = vae if args.output_type != "latent" else None
+    image_encoder = vae if image_to_video else None
     if collectives is not None:
         encoder = BroadcastTextEncoding(encoder, collectives, src=0)
+        if image_to_video:
+            image_encoder = BroadcastImageEncoding(image_encoder, collectives, src=0)
 
     pipeline = StepVideoPipeline.from_pretrained(model_dir, transformer=transformer, text_encoding=encoder,
                                                  video_decoding=decoder, save_path=args.save_path,
-                                                 name_suffix=args.name_suffix, is_output_rank=rank == 0)
+                                                 name_suffix=args.name_suffix, is_output_rank=rank == 0,
+                                                 image_encoding=image_encoder)
+    if image_to_video:
+        log.info("image-to-video (Step-Video-TI2V) from %s, motion score %g", args.first_image, args.motion_score)
     final = {}
     result = pipeline(prompt=args.prompt, num_frames=args.num_frames, height=args.height, width=args.width,
                       num_inference_steps=args.infer_steps, guidance_scale=args.cfg_scale,
                       time_shift=args.time_shift, pos_magic=args.pos_magic, neg_magic=args.neg_magic,
                       num_videos_per_prompt=args.num_videos, seed=args.seed, output_type=args.output_type,
                       output_file_name=args.prompt[:50], progress=rank == 0,
-                      callback=lambda i, t: final.update(latents=t["latents"]))
+                      callback=lambda i, t: final.update(latents=t["latents"]),
+                      first_image=args.first_image if image_to_video else None,
+                      motion_score=args.motion_score if image_to_video else None)
     log.info("denoising: %.2f s per step", pipeline.seconds_per_step)
 
     if rank == 0:
@@ -143,9 +164,12 @@ def run(args: argparse.Namespace, text_encoder=None, video_decoder=None):
     return result if rank == 0 else None
 
 
-def _encoders(args, text_encoder, video_decoder):
-    """The caption encoder and the VAE of rank 0: given, in-process (--local_models) or remote."""
-    need_vae = args.output_type != "latent"
+def _encoders(args, text_encoder, video_decoder, image_to_video: bool):
+    """The caption encoder and the VAE of rank 0: given, in-process (--local_models) or remote.
+
+    The VAE decodes the video (unless --output_type latent) and, for TI2V, encodes the first image.
+    """
+    need_vae = args.output_type != "latent" or image_to_video
     if args.local_models:
         from stepvideo.serving.interface import LocalCaption, LocalVae
 
