@@ -27,13 +27,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from stepvideo import dtypes
 from stepvideo.utils import safetensors_io as st
 from stepvideo.utils.torch_format import TorchCheckpoint, TorchFormatError
 
 BERT_PREFIX = "bert."
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-# What each float dtype is stored as in numpy (bfloat16: uint16 bit patterns).
-_STORED_AS = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+FLOAT_DTYPES = dtypes.FLOAT_NAMES
 
 
 class ConvertError(ValueError):
@@ -107,10 +106,10 @@ def cast(arr: np.ndarray, source: str, target: str) -> np.ndarray:
     """Cast between float dtypes as torch's `.to()` does (bfloat16 as uint16 bits, round to nearest even)."""
     if source == target:
         return arr
-    wide = st.bf16_bits_to_f32(arr) if source == "bfloat16" else arr.astype(np.float32)
+    wide = dtypes.bf16_bits_to_f32(arr) if source == "bfloat16" else arr.astype(np.float32)
     if target == "bfloat16":
-        return st.f32_to_bf16_bits(wide)
-    return wide.astype(_STORED_AS[target])
+        return dtypes.f32_to_bf16_bits(wide)
+    return wide.astype(dtypes.BY_NAME[target].numpy)
 
 
 def convert(pt_filename: str, sf_filename: str, config_path: str, dtype: Optional[str] = None) -> Summary:

@@ -41,7 +41,7 @@ from stepvideo import backend  # noqa: E402
 from stepvideo.checkpoint import named_parameters, save_sharded  # noqa: E402
 from stepvideo.utils import safetensors_io as st  # noqa: E402
 from synthetic_weights import rule_weights  # noqa: E402
-from stepvideo.utils.torch_format import save_state_dict  # noqa: E402
+from torch_checkpoint_writer import save_state_dict  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "tiny"
 CONTROL_TOKENS = ["<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>", "<|THINK_END|>"]
