@@ -36,9 +36,10 @@ import numpy as np
 from mindspore import Tensor
 from tqdm import tqdm
 
+from stepvideo import dtypes
+from stepvideo.contracts import check_latent_shape, check_prompts
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
 from stepvideo.modules.model import StepVideoModel
-from stepvideo.utils import safetensors_io as st
 from stepvideo.utils.video_process import VideoProcessor, crop_to_540p, to_uint8_frames
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class StepVideoPipelineOutput:
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
     """fp32 values rounded to the nearest bf16 value (kept in fp32)."""
-    return st.bf16_bits_to_f32(st.f32_to_bf16_bits(x))
+    return dtypes.bf16_bits_to_f32(dtypes.f32_to_bf16_bits(x))
 
 
 def latent_shape(batch: int, num_frames: int, height: int, width: int, channels: int) -> tuple:
@@ -150,16 +151,6 @@ class StepVideoPipeline:
                         frames, h, w)
         return frames, w, h
 
-    @staticmethod
-    def _prompts(prompt) -> List[str]:
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise ValueError(f"prompt[{i}] must be a string, got {type(p).__name__}")
-        return list(prompts)
-
     # ------------------------------------------------------------------ pieces
 
     def encode_prompt(self, prompts: Sequence[str], neg_magic: str = "", pos_magic: str = "",
@@ -184,9 +175,7 @@ class StepVideoPipeline:
         """Initial noise (fp32 holding bf16 values, like the original's bf16 draw)."""
         if latents is not None:
             latents = np.asarray(latents.asnumpy() if isinstance(latents, Tensor) else latents, np.float32)
-            b, _, c = shape[:3]
-            if latents.ndim != 5 or latents.shape[0] != b or latents.shape[2] != c:
-                raise ValueError(f"latents: expected shape ({b}, T, {c}, h, w), got {latents.shape}")
+            check_latent_shape(latents.shape, shape[2], batch=shape[0])
             if latents.shape != tuple(shape):
                 # As in the original, given latents define the video size.
                 log.info("using the given latents of shape %s instead of %s from num_frames/height/width",
@@ -214,7 +203,7 @@ class StepVideoPipeline:
         "noise_pred" (guided) and "latents" (after the scheduler step).
         """
         # 1. Check everything before any model work.
-        prompts = self._prompts(prompt)
+        prompts = check_prompts(prompt, "prompt")
         height = _positive_int("height", height)
         width = _positive_int("width", width)
         num_frames = _positive_int("num_frames", num_frames)

@@ -29,7 +29,8 @@ import httpx
 import numpy as np
 
 from stepvideo.serving import wire
-from stepvideo.diffusion.interfaces import CaptionOutput, TextEncoding, VideoDecoding, check_latents, check_prompts
+from stepvideo.contracts import check_latents, check_prompts
+from stepvideo.diffusion.interfaces import CaptionOutput, TextEncoding, VideoDecoding
 from stepvideo.serving.wire import CAPTION_PATH, DEFAULT_PORTS, HEALTH_PATH, TOKEN_ENV, VAE_PATH, check_token
 
 log = logging.getLogger(__name__)

@@ -50,6 +50,7 @@ from mindspore import Tensor, nn, ops
 
 from stepvideo import backend
 from stepvideo.checkpoint import CheckpointError, load_weights, read_config
+from stepvideo.contracts import check_latent_shape
 from stepvideo.layers import Conv3d, lazy_parameter
 
 CHECKPOINT_FILE = "vae_v2.safetensors"
@@ -688,9 +689,7 @@ class AutoencoderKL(nn.Cell):
     # ------------------------------------------------------------------ decode
 
     def _check_latents(self, z: Tensor) -> None:
-        if z.ndim != 5 or z.shape[2] != self.z_channels:
-            raise ValueError(f"AutoencoderKL.decode: z must be (b, T, {self.z_channels}, h, w), "
-                             f"got shape {tuple(z.shape)}")
+        check_latent_shape(z.shape, self.z_channels, "AutoencoderKL.decode: z")
 
     def decode_naive(self, z: Tensor) -> Tensor:
         """One chunk: (b, T, z, h, w) -> (b, c_out, 8T - 7, 16h, 16w)."""
