@@ -121,7 +121,6 @@ class LocalVae(VideoDecoding):
         return self.vae.z_channels
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        # The original service divided by a scale factor of 1.0 and cast to the VAE's
-        # dtype; the VAE casts each chunk itself, so the latents go in as they are.
+        # The VAE casts each chunk to its own dtype, so the latents go in as they are.
         z = check_latents(latents, self.z_channels)
         return to_numpy(self.vae.decode(Tensor.from_numpy(z)), "video").astype(np.float32, copy=False)

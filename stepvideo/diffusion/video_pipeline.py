@@ -1,25 +1,21 @@
 """`StepVideoPipeline`: prompt -> text embeddings -> denoising loop -> video.
 
-The loop is the original's: the prompts sent to the text encoders are
-`[prompt + pos_magic, neg_magic]`; the latent is duplicated for classifier-free
-guidance with the conditional half first; every batch row gets the timestep;
-`guided = uncond + scale * (cond - uncond)`; the scheduler steps in fp32.
+The loop: the prompts sent to the text encoders are `[prompt + pos_magic, neg_magic]`;
+the latent is duplicated for classifier-free guidance with the conditional half first;
+every batch row gets the timestep; `guided = uncond + scale * (cond - uncond)`; the
+scheduler steps in fp32. `guidance_scale <= 1` runs without guidance (one batch row per
+video). `prompt` is a string or a non-empty list (`stepvideo.contracts`), each giving
+`num_videos_per_prompt` videos.
 
-Text encoding and decoding go through two small interfaces (`encode(prompts)`
-and `decode(latents)`) with a remote implementation (the HTTP services, as in
-the original deployment) and an in-process one; see `stepvideo.serving`.
+Text encoding and decoding go through two small interfaces (`encode(prompts)` and
+`decode(latents)`, `stepvideo.diffusion.interfaces`) with an in-process implementation
+there and a remote one in `stepvideo.serving.client`.
 
-What differs from the original, on purpose:
-- `guidance_scale <= 1` runs without guidance (the original still encoded the
-  negative prompt and crashed on the batch mismatch).
-- A list of prompts and `num_videos_per_prompt > 1` work (the original
-  concatenated a list with a string).
-- Frames are rounded to multiples of 17 and sizes to multiples of 16 as in the
-  original, but a warning says so whenever the user's values change.
-- Initial noise is drawn with numpy from the seed/generator (identical on CPU
-  and Ascend), then rounded to bf16 values as the original draws it in bf16;
-  user-given latents are rounded to bf16 values like the original casts them.
-- Bad arguments raise ValueError before any model work.
+Sizes: frames are rounded down to a multiple of 17 and height/width to multiples of 16,
+with a warning when the values change. Initial noise is drawn with numpy from the
+seed/generator (the same on every device) and rounded to bf16 values; given latents are
+rounded to bf16 values and define the video size. Bad arguments raise ValueError before
+any model work. How this compares with the original: docs/porting.md.
 """
 from __future__ import annotations
 

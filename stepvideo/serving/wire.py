@@ -2,8 +2,7 @@
 
 Tensors travel as one safetensors payload (an 8-byte little-endian header
 length, a JSON header, then the raw little-endian tensor bytes), prompts as a
-JSON object. Nothing is ever unpickled: the original services unpickled request
-bodies from the network, so anyone who could reach the port could run code.
+JSON object. Nothing is ever unpickled (a pickle from the network could run code).
 
 Array representation (both directions, and in `stepvideo.diffusion.interfaces`):
 numpy arrays; floating tensors are float32 in memory. A float32 array whose

@@ -10,7 +10,7 @@ padding at its start; the decoded chunks are written into one output buffer and
 each boundary is then blended (`mix`). Only one chunk's activations exist at a
 time.
 
-All tensors inside the networks are (b, c, t, h, w). The math, as in the original:
+All tensors inside the networks are (b, c, t, h, w). The math:
 - "causal" 3-D convolutions pad time with zero frames at the front only (k - 1
   frames for a kernel of k; the resnet blocks insert those two zero frames after
   norm + SiLU, which is the same thing) and space symmetrically;
@@ -24,18 +24,7 @@ All tensors inside the networks are (b, c, t, h, w). The math, as in the origina
 - the temporal up-sampling resblock adds its input twice (before and after the
   final SiLU).
 
-Differences from the original, none of which changes a number:
-- The original's `CausalConvChannelLast` differs from `CausalConv` only in memory
-  layout, so `CausalConv` stands for both; `CausalConvAfterNorm` keeps its meaning
-  (its input already carries the zero frames, inserted right after norm + SiLU).
-- Only version 2 (the one the official code uses) is implemented.
-- `is_init` is always true in the original's encode/decode paths and is not a
-  parameter here; `world_size` chunk distribution is not implemented (the
-  official server uses one process).
-- Posterior noise comes from a numpy generator (or an explicit array) instead of
-  torch's global RNG, so it is reproducible across devices.
-- Widths, level counts and the GroupNorm group count come from `VaeConfig`, whose
-  defaults are the published v2 values, so that a tiny VAE can be built for tests.
+Where this differs from the original (none of it changes a number): docs/porting.md.
 """
 from __future__ import annotations
 
