@@ -1,7 +1,8 @@
 """The safetensors format: the pinned `safetensors` library where it serves, numpy where it cannot.
 
-- Files are written by the library (`save_file`), and in-memory buffers parsed by it (`from_bytes`).
-- Files are read by `SafetensorsFile`, by hand: loading streams tensor by tensor into freshly
+- Files are written by the library (`save_file`); buffers and small files are parsed by it
+  (`from_bytes`, `load_file`).
+- Checkpoints are read by `SafetensorsFile`, by hand: loading streams tensor by tensor into freshly
   allocated arrays and must read bfloat16 without torch or `ml_dtypes`; the library's numpy reader
   has no bfloat16, and its reader names neither the file nor the tensor when a file is damaged.
 - In-memory payloads are laid out by hand (`encode_parts`) so a large one (a decoded video) is sent
@@ -19,7 +20,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import BinaryIO, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import safetensors
@@ -256,13 +257,13 @@ def from_bytes(data: bytes, source: str = "payload") -> Dict[str, Tuple[np.ndarr
     return out
 
 
-def iter_file(path: os.PathLike | str, names: Optional[Iterable[str]] = None) -> Iterator[Tuple[str, np.ndarray]]:
-    """Yield (name, array) for a file, bf16 widened to float32; only `names` if given."""
-    with SafetensorsFile(path) as f:
-        for name in (list(names) if names is not None else sorted(f.keys())):
-            yield name, f.read(name)
-
-
 def load_file(path: os.PathLike | str) -> Dict[str, np.ndarray]:
-    """All tensors of a file (small files only; bf16 widened to float32)."""
-    return dict(iter_file(path))
+    """All tensors of a small file, parsed by the library; bf16 widened to float32.
+
+    The whole file is read at once: checkpoints are read tensor by tensor with `SafetensorsFile`.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return {name: bf16_bits_to_f32(arr) if dtype == BF16 else arr
+            for name, (arr, dtype) in from_bytes(data, path).items()}
