@@ -137,7 +137,7 @@ class StepVideoPipeline:
 
     @staticmethod
     def check_inputs(num_frames: int, width: int, height: int):
-        """The original's rounding (frames to x17, sizes to x16), with a warning when values change."""
+        """Frames rounded down to a multiple of 17, height and width to multiples of 16; a warning when values change."""
         frames = max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1)
         w = max(width // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
         h = max(height // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
@@ -168,12 +168,12 @@ class StepVideoPipeline:
     def prepare_latents(self, shape: tuple, seed: Optional[int] = None,
                         generator: Optional[np.random.Generator] = None,
                         latents: Optional[np.ndarray] = None) -> np.ndarray:
-        """Initial noise (fp32 holding bf16 values, like the original's bf16 draw)."""
+        """Initial noise of `shape` (b, T, c, h, w), fp32 holding bf16 values; given `latents` (same b and c) win."""
         if latents is not None:
             latents = np.asarray(latents.asnumpy() if isinstance(latents, Tensor) else latents, np.float32)
             check_latent_shape(latents.shape, shape[2], batch=shape[0])
             if latents.shape != tuple(shape):
-                # As in the original, given latents define the video size.
+                # Given latents define the video size.
                 log.info("using the given latents of shape %s instead of %s from num_frames/height/width",
                          latents.shape, tuple(shape))
             return round_to_bf16(latents)
