@@ -137,7 +137,7 @@ class StepVideoPipeline:
 
     @staticmethod
     def check_inputs(num_frames: int, width: int, height: int):
-        """Frames rounded down to a multiple of 17, height and width to multiples of 16; a warning when values change."""
+        """Frames rounded down to a multiple of 17, height and width to multiples of 16; warns when they change."""
         frames = max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1)
         w = max(width // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
         h = max(height // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
