@@ -3,7 +3,8 @@
     python scripts/import_graph.py [--root stepvideo]
 
 A part is a subpackage (`stepvideo/serving/`) or a top-level module (`stepvideo/backend.py`);
-imports inside functions count as well as those at the top. Edges within one part are left out.
+imports inside functions count as well as those at the top, and an edge made only of such
+imports is marked `(lazy)`. Edges within one part are left out.
 Used to check that dependencies point one way (models <- pipeline <- parallel / serving <- entry).
 """
 from __future__ import annotations
@@ -20,33 +21,38 @@ def part_of(module: str) -> str:
     return pieces[1] if len(pieces) > 1 else pieces[0]
 
 
-def imports_of(path: Path, package: str) -> set:
-    """The `package.*` modules that `path` imports (absolute imports only; the project uses no others)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+def imports_of(path: Path, package: str) -> dict:
+    """{`package.*` module that `path` imports: True if imported at module level} (absolute imports only)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top = {id(node) for node in tree.body}
+    found = {}
+    for node in ast.walk(tree):
+        names = []
         if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith(package + "."))
+            names = [a.name for a in node.names if a.name.startswith(package + ".")]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module.startswith(package + "."):
-                found.add(node.module)
+                names = [node.module]
             elif node.module == package:
-                found.update(f"{package}.{a.name}" for a in node.names)
+                names = [f"{package}.{a.name}" for a in node.names]
+        for name in names:
+            found[name] = found.get(name, False) or id(node) in top
     return found
 
 
 def graph(root: Path) -> dict:
-    """{part: sorted parts it imports}."""
+    """{part: {imported part: True if any import of it is at module level}}."""
     package = root.name
-    edges = defaultdict(set)
+    edges = defaultdict(dict)
     for path in sorted(root.rglob("*.py")):
         module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
         src = part_of(module)
         edges[src]
-        for target in imports_of(path, package):
+        for target, at_top in imports_of(path, package).items():
             dst = part_of(target)
             if dst != src:
-                edges[src].add(dst)
-    return {src: sorted(dsts) for src, dsts in sorted(edges.items())}
+                edges[src][dst] = edges[src].get(dst, False) or at_top
+    return {src: dict(sorted(dsts.items())) for src, dsts in sorted(edges.items())}
 
 
 def main() -> None:
@@ -55,7 +61,8 @@ def main() -> None:
     root = Path(parser.parse_args().root)
     edges = graph(root)
     for src, dsts in edges.items():
-        print(f"{src:14s} -> {', '.join(dsts) if dsts else '(nothing)'}")
+        shown = [d if at_top else f"{d} (lazy)" for d, at_top in dsts.items()]
+        print(f"{src:14s} -> {', '.join(shown) if shown else '(nothing)'}")
     cycles = sorted({tuple(sorted((a, b))) for a, ds in edges.items() for b in ds if a in edges.get(b, ())})
     print("two-way:", ", ".join(f"{a} <-> {b}" for a, b in cycles) if cycles else "none")
 
