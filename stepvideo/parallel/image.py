@@ -11,7 +11,7 @@ import numpy as np
 from mindspore import Tensor
 
 from stepvideo.parallel.collectives import Collectives
-from stepvideo.serving.interface import VideoEncoding
+from stepvideo.diffusion.interfaces import VideoEncoding
 
 
 class BroadcastImageEncoding(VideoEncoding):

@@ -43,10 +43,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from stepvideo.contracts import check_seed, check_video_shape
 from stepvideo.serving import wire
 
 if TYPE_CHECKING:  # the models come in built; importing them here would pull in MindSpore
-    from stepvideo.serving.interface import TextEncoding, VideoDecoding
+    from stepvideo.diffusion.interfaces import TextEncoding, VideoDecoding
 
 log = logging.getLogger(__name__)
 
@@ -305,12 +306,11 @@ def create_app(caption: Optional[TextEncoding] = None, vae: Optional[VideoDecodi
         try:
             got = wire.decode(body, [limits.videos_spec(), wire.TensorSpec("seed", ("n",), ("I64",), sizes=(1,))],
                               max_elements=limits.max_video_elements + 1, source="request body")
-            wire.check_video_shape(got["videos"].shape)
-        except wire.WireError as e:
+            check_video_shape(got["videos"].shape, what="videos")
+            seed = check_seed(int(got["seed"][0]))
+        except ValueError as e:  # a WireError is a ValueError too
             raise ApiError(400, str(e)) from None
-        videos, seed = got["videos"], int(got["seed"][0])
-        if not 0 <= seed < 2**63:
-            raise ApiError(400, f"seed must be in [0, 2**63), got {seed}")
+        videos = got["videos"]
         if not np.isfinite(videos).all():
             raise ApiError(400, "videos contain NaN or infinite values")
         latents = await run_model("vae-encode", lambda x: encoder.encode(x, seed=seed), videos, "VAE encode failed",

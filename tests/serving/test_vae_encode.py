@@ -12,7 +12,7 @@ import pytest
 
 from stepvideo.serving import wire
 from stepvideo.serving.client import RemoteVae, ServiceError
-from stepvideo.serving.interface import LocalVae
+from stepvideo.diffusion.interfaces import LocalVae
 
 TOKEN = "encode-secret"
 OCTET = {"content-type": "application/octet-stream", "authorization": f"Bearer {TOKEN}"}
@@ -73,7 +73,7 @@ def _declared_only(shape):
     ("NaN", _encode_body(np.full((1, 1, 3, 16, 16), np.nan, np.float32)), 400, "NaN or infinite"),
     ("no seed", _encode_body(video((1, 1, 3, 16, 16)), seed=None), 400, "missing ['seed']"),
     ("negative seed", _encode_body(video((1, 1, 3, 16, 16)), seed=np.array([-1], np.int64)), 400,
-     "seed must be in [0, 2**63)"),
+     "seed must be an integer in [0, 2**63), got -1"),
     ("too many frames", _declared_only((1, 17 * 64 + 1, 3, 16, 16)), 400, "larger than the limit 1088"),
     ("too wide", _declared_only((1, 1, 3, 16, 16 * 513)), 400, "larger than the limit 8192"),
     ("too many values", _declared_only((16, 1088, 3, 16, 64)), 400, "elements in all, larger than the limit"),

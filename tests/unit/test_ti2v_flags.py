@@ -9,7 +9,7 @@ import pytest
 
 from stepvideo.config import (NEG_MAGIC, POS_MAGIC, TI2V_NEG_MAGIC, TI2V_NUM_FRAMES, TI2V_POS_MAGIC,
                               apply_model_kind, parse_args)
-from stepvideo.parallel.runner import StartupError, check_startup
+from stepvideo.job import StartupError, check_startup
 
 CONFIG = {"num_attention_heads": 6, "num_layers": 2, "in_channels": 64, "attention_head_dim": 128}
 

@@ -171,7 +171,7 @@ def _encoders(args, text_encoder, video_decoder, image_to_video: bool):
     """
     need_vae = args.output_type != "latent" or image_to_video
     if args.local_models:
-        from stepvideo.serving.interface import LocalCaption, LocalVae
+        from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
 
         text_encoder = text_encoder or LocalCaption.from_model_dir(args.model_dir)
         if need_vae:
