@@ -1,4 +1,4 @@
-"""The two things the pipeline asks of the outside world, with an in-process implementation.
+"""What the pipeline asks of the outside world (text encoding, video decoding, TI2V image encoding), in-process.
 
     text = LocalCaption.from_model_dir(model_dir)      # or RemoteCaption(caption_url)
     out = text.encode(["a cat", ""])                    # CaptionOutput(y, y_mask, clip_embedding)
