@@ -32,6 +32,7 @@ of silently ignored.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Sequence, Union
@@ -138,11 +139,17 @@ class TransformerBlock(nn.Cell):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _no_layer_hook(index: int) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 class Transformer(nn.Cell):
     def __init__(self, num_layers: int, **block_kwargs):
         super().__init__()
         self.num_heads = block_kwargs["num_heads"]
         self.layers = nn.CellList([TransformerBlock(**block_kwargs) for _ in range(num_layers)])
+        # (layer index) -> context entered around that layer; weight streaming puts the layer's weights in place.
+        self.layer_hook = _no_layer_hook
 
     def alibi(self, seq_len: int) -> Tensor:
         """The attention bias every layer shares for a sequence of `seq_len` tokens."""
@@ -151,8 +158,9 @@ class Transformer(nn.Cell):
     def construct(self, hidden_states: Tensor) -> Tensor:
         """(b, s, hidden) -> (b, s, hidden)."""
         alibi = self.alibi(hidden_states.shape[1])
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, alibi)
+        for i, layer in enumerate(self.layers):
+            with self.layer_hook(i):
+                hidden_states = layer(hidden_states, alibi)
         return hidden_states
 
 
@@ -201,11 +209,18 @@ class Step1Model(nn.Cell, PretrainedMixin):
 class STEP1TextEncoder(nn.Cell):
     """Prompts -> (y (b, max_length, hidden) in the compute dtype, y_mask (b, max_length) int64)."""
 
-    def __init__(self, model_dir: Union[str, os.PathLike], max_length: int = 320):
+    def __init__(self, model_dir: Union[str, os.PathLike], max_length: int = 320, offload: bool = False):
+        """offload: stream the decoder layers from the mapped checkpoint (stepvideo/parallel/streaming.py)
+        instead of holding them: memory for the embeddings + 2 layers, same numbers."""
         super().__init__()
         self.max_length = max_length
         self.text_tokenizer = Wrapped_StepChatTokenizer(os.path.join(model_dir, TOKENIZER_FILE))
-        self.text_encoder = Step1Model.from_pretrained(model_dir)
+        if offload:
+            from stepvideo.parallel.streaming import step_llm_streaming
+
+            self.text_encoder = step_llm_streaming(model_dir)
+        else:
+            self.text_encoder = Step1Model.from_pretrained(model_dir)
         if self.text_tokenizer.vocab_size > self.text_encoder.padded_vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {self.text_tokenizer.vocab_size} pieces but the "
                              f"model only {self.text_encoder.padded_vocab_size} embedding rows")
