@@ -123,7 +123,7 @@ def test_streamed_step_llm_equals_resident_bitwise(tmp_path):
 
 def test_run_parallel_offload_gives_the_same_latents(tiny_model_dir, in_tmp):
     """run_parallel.py --offload blocks in one process (DiT blocks and, with --local_models, Step-LLM's layers)."""
-    from stepvideo.parallel.runner import main
+    from stepvideo.job import main
 
     latents = {}
     for offload in ("none", "blocks"):
