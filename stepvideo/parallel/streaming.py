@@ -143,6 +143,8 @@ class DeviceSlots:
     """Slots in device memory (Ascend), filled by asynchronous copies on a separate stream.
 
     NOT RUN HERE (no NPU): written against MindSpore 2.7's documented stream API and untested.
+    The first thing to verify on an NPU: that a compiled graph reads a Parameter bound to a slot
+    tensor (`set_data(slot)`) from the slot's device memory, as it reads the numpy buffer on CPU.
     Order per slot: copy stream waits for `freed[slot]` (recorded on the compute stream when
     the block that used the slot returned), copies, records `filled[slot]`; the compute stream
     waits for `filled[slot]` before the block runs. The mapped host pages are kept referenced
