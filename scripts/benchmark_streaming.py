@@ -8,7 +8,7 @@ safetensors shards + index) into a temp folder, reads the files once (warm page 
 runs, each in a fresh process: the resident DiT, the streamed DiT, and the streamed DiT under
 msrun with 2 ranks (Ulysses 2: both ranks stream the same blocks from the same mapped files).
 Each process builds the model lazily, resets its peak-RSS counter, loads, runs one warm-up DiT
-call (the compile), then times `--steps` DiT calls of one denoising step (CFG batch 2, 256
+call (the compile), then times `--steps` DiT calls of one denoising step (CFG batch 2, 512
 video tokens, 80 text tokens); a thread samples /proc/self/smaps_rollup every 50 ms. The temp
 folder is deleted at the end.
 
@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from benchmark import (AscendAssumptions, DitShape, ascend_projection, block_flops, dit_flops,  # noqa: E402
                        machine_line, published_config, table)
 
-TOKENS = (1, 16, 16)  # latent frames, height, width: 256 video tokens
+TOKENS = (1, 16, 32)  # latent frames, height, width: 512 video tokens
 LLM_TOKENS, CLIP_TOKENS = 64, 16
 CHANNELS = (1024, 256)  # caption channels of the medium model (LLM, CLIP)
 
