@@ -39,8 +39,9 @@ for path in (ROOT, ROOT / "scripts"):
 
 import numpy as np  # noqa: E402
 
-from benchmark import (AscendAssumptions, DitShape, ascend_projection, block_flops, dit_flops,  # noqa: E402
-                       machine_line, published_config, table)
+from benchmark.ascend import AscendAssumptions, ascend_projection  # noqa: E402
+from benchmark.flops import DitShape, block_flops, dit_flops, published_config  # noqa: E402
+from benchmark.measure import machine_line, table  # noqa: E402
 
 TOKENS = (1, 16, 32)  # latent frames, height, width: 512 video tokens
 LLM_TOKENS, CLIP_TOKENS = 64, 16

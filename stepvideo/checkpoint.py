@@ -23,7 +23,6 @@ handed back (`release`) once it has been copied where it is used.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import logging
@@ -39,6 +38,7 @@ import numpy as np
 import psutil
 from mindspore import Tensor, nn
 
+from stepvideo import dtypes
 from stepvideo.utils import safetensors_io as st
 
 log = logging.getLogger(__name__)
@@ -91,40 +91,28 @@ def weight_map(path: os.PathLike | str) -> Dict[str, Path]:
     return weight_map(singles[0])
 
 
-_NUMPY_DTYPES = {ms.float32: np.float32, ms.float16: np.float16, ms.float64: np.float64,
-                 ms.int64: np.int64, ms.int32: np.int32, ms.bool_: np.bool_}
-
-
-@functools.lru_cache(maxsize=1)
-def _numpy_bf16() -> np.dtype:
-    """MindSpore's own numpy bfloat16 type (numpy has none; ml_dtypes is not required).
-
-    Looked up on first use: running a kernel at import time would fix the device too early.
-    """
-    return Tensor(np.zeros(1, np.float32)).astype(ms.bfloat16).asnumpy().dtype
-
-
 def numpy_dtype(dtype: ms.dtype) -> np.dtype:
-    """The numpy dtype of a parameter dtype (bf16: MindSpore's own numpy type)."""
-    if dtype == ms.bfloat16:
-        return _numpy_bf16()
-    if dtype not in _NUMPY_DTYPES:
-        raise CheckpointError(f"cannot load into a parameter of dtype {dtype}")
-    return np.dtype(_NUMPY_DTYPES[dtype])
+    """The numpy dtype a parameter of `dtype` holds its values in (bf16: MindSpore's numpy bfloat16)."""
+    try:
+        row = dtypes.of_mindspore(dtype)
+    except TypeError:
+        raise CheckpointError(f"cannot load into a parameter of dtype {dtype}") from None
+    return dtypes.mindspore_bf16(np.zeros(0, np.uint16)).dtype if row is dtypes.BF16 else row.numpy
 
 
 def _to_parameter_tensor(arr: np.ndarray, stored: str, dtype: ms.dtype) -> Tensor:
     """Convert one stored tensor to `dtype` with at most one copy."""
     if stored == st.BF16 and dtype == ms.bfloat16:
-        return Tensor.from_numpy(arr.view(_numpy_bf16()))
+        return Tensor.from_numpy(dtypes.mindspore_bf16(arr))
     if stored == st.BF16:
-        arr = st.bf16_bits_to_f32(arr)
+        arr = dtypes.bf16_bits_to_f32(arr)
     if dtype == ms.bfloat16:
         return Tensor.from_numpy(np.ascontiguousarray(arr, np.float32)).astype(ms.bfloat16)
-    if dtype not in _NUMPY_DTYPES:
-        raise CheckpointError(f"cannot load into a parameter of dtype {dtype}")
-    np_dtype = _NUMPY_DTYPES[dtype]
-    return Tensor.from_numpy(np.ascontiguousarray(arr.astype(np_dtype, copy=False)))
+    try:
+        row = dtypes.of_mindspore(dtype)
+    except TypeError:
+        raise CheckpointError(f"cannot load into a parameter of dtype {dtype}") from None
+    return Tensor.from_numpy(np.ascontiguousarray(arr.astype(row.numpy, copy=False)))
 
 
 def named_parameters(net: nn.Cell) -> Dict[str, ms.Parameter]:
@@ -250,7 +238,7 @@ class MappedCheckpoint:
     def view(self, key: str) -> Tuple[np.ndarray, str]:
         """(the stored bytes of `key` as a read-only numpy array, its safetensors dtype); no copy."""
         info = self.tensors[key]
-        arr = np.frombuffer(self._maps[self._file_of[key]], dtype=st.NUMPY_DTYPES[info.dtype],
+        arr = np.frombuffer(self._maps[self._file_of[key]], dtype=dtypes.BY_SAFETENSORS[info.dtype].numpy,
                             count=int(np.prod(info.shape)), offset=info.start)
         return arr.reshape(info.shape), info.dtype
 
