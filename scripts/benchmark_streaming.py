@@ -158,7 +158,7 @@ def probe(folder: str, mode: str, steps: int) -> dict:
         else:
             model = StepVideoModel.from_config_dict(config)
             if mode == "streamed":
-                from stepvideo.parallel.streaming import dit_streaming
+                from stepvideo.streaming import dit_streaming
                 report, streamer = dit_streaming(model, folder, range(config["num_layers"]))
             else:
                 from stepvideo.checkpoint import load_weights

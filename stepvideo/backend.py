@@ -256,7 +256,7 @@ def _flash_attention(q, k, v, mask, causal, scale):
 
 
 def weight_copy_stream():
-    """The stream that copies streamed block weights host -> device (`parallel/streaming.py`).
+    """The stream that copies streamed block weights host -> device (`stepvideo/streaming.py`).
 
     Ascend: a separate `mindspore.runtime.Stream`, so the next block's copy overlaps this
     block's compute (untested here: no NPU). CPU: None, the parameters live in host memory

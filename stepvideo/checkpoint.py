@@ -14,7 +14,7 @@ Memory: each tensor is read into a fresh numpy array, converted to the
 parameter's dtype and handed to the parameter without a further copy, so the
 peak is the loaded weights plus one tensor in flight.
 
-Streaming (`--offload blocks`, see stepvideo/parallel/streaming.py) reads the
+Streaming (`--offload blocks`, see stepvideo/streaming.py) reads the
 blocks through `MappedCheckpoint` instead: the shards are memory-mapped
 read-only, so their pages live in the kernel's page cache, shared by every
 process on the machine that maps the same files, and a tensor's pages are

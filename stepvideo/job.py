@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, text_encoder=None, video_decoder=None):
                                                      offload=args.offload == "blocks")
         rank = mesh.rank
     elif args.offload == "blocks":
-        from stepvideo.parallel.streaming import dit_streaming
+        from stepvideo.streaming import dit_streaming
 
         collectives = None
         transformer = StepVideoModel.from_config_dict(read_config(model_dir / "transformer"))

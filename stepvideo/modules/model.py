@@ -18,7 +18,7 @@ Tokens, the RoPE grid (n, 3) and the cross-attention mask rows can all be
 sliced along the token axis by the caller; `SelfAttention.core_attention` is
 the per-block hook for an all-to-all attention. `block_hook(i)` is a context
 entered around block i (default: nothing); weight streaming
-(stepvideo/parallel/streaming.py) puts block i's weights in place there.
+(stepvideo/streaming.py) puts block i's weights in place there.
 
 Speed: `model.set_jit(True)` compiles the embeddings, each block's compute
 around that hook and the output layer (one compile per input shape; same

@@ -50,7 +50,7 @@ from stepvideo.modules.model import Embedded, StepVideoModel
 from stepvideo.parallel import ulysses
 from stepvideo.parallel.collectives import Collectives, OpStats
 from stepvideo.parallel.mesh import Mesh, split_layers
-from stepvideo.parallel.streaming import dit_streaming
+from stepvideo.streaming import dit_streaming
 from stepvideo.parallel.ulysses import SequenceSplit
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ of silently ignored.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from typing import Optional, Sequence, Union
@@ -46,6 +47,8 @@ from stepvideo.layers import Embedding, Linear, RMSNorm
 from stepvideo.text_encoder.tokenizer import Wrapped_StepChatTokenizer
 
 TOKENIZER_FILE = "step1_chat_tokenizer.model"
+
+log = logging.getLogger(__name__)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -196,6 +199,25 @@ class Step1Model(nn.Cell, PretrainedMixin):
                                        num_groups=num_attention_groups, ffn_hidden_size=ffn_hidden_size,
                                        eps=layernorm_epsilon)
 
+    @classmethod
+    def from_pretrained_streaming(cls, folder: Union[str, os.PathLike]) -> "Step1Model":
+        """The model from `folder` with its decoder layers streamed from the mapped checkpoint
+        (`stepvideo.streaming`; the embeddings stay loaded). `model.streamer` is the BlockStreamer."""
+        from stepvideo.checkpoint import read_config
+        from stepvideo.streaming import load_streaming
+
+        model = cls.from_config_dict(read_config(folder))
+        layers = range(len(model.transformer.layers))
+        report, streamer = load_streaming(model, folder, {i: f"transformer.layers.{i}." for i in layers},
+                                          what=f"Step-LLM ({folder})")
+        model.transformer.layer_hook = streamer.block
+        model.streamer = streamer
+        model.set_train(False)
+        log.info("Step1Model: %d resident tensors (%.1f MiB) loaded from %s in %.2fs; %d layers streamed "
+                 "(%.1f MiB per layer slot)", report.tensors, report.bytes / 2**20, folder, report.seconds,
+                 len(layers), streamer.slot_bytes() / 2**20)
+        return model
+
     def construct(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """input_ids (b, s) int64 -> hidden states (b, s, hidden) of the last layer.
 
@@ -210,15 +232,13 @@ class STEP1TextEncoder(nn.Cell):
     """Prompts -> (y (b, max_length, hidden) in the compute dtype, y_mask (b, max_length) int64)."""
 
     def __init__(self, model_dir: Union[str, os.PathLike], max_length: int = 320, offload: bool = False):
-        """offload: stream the decoder layers from the mapped checkpoint (stepvideo/parallel/streaming.py)
+        """offload: stream the decoder layers from the mapped checkpoint (stepvideo/streaming.py)
         instead of holding them: memory for the embeddings + 2 layers, same numbers."""
         super().__init__()
         self.max_length = max_length
         self.text_tokenizer = Wrapped_StepChatTokenizer(os.path.join(model_dir, TOKENIZER_FILE))
         if offload:
-            from stepvideo.parallel.streaming import step_llm_streaming
-
-            self.text_encoder = step_llm_streaming(model_dir)
+            self.text_encoder = Step1Model.from_pretrained_streaming(model_dir)
         else:
             self.text_encoder = Step1Model.from_pretrained(model_dir)
         if self.text_tokenizer.vocab_size > self.text_encoder.padded_vocab_size:

@@ -19,7 +19,7 @@ from mindspore import Tensor
 
 from stepvideo.checkpoint import CheckpointError, save_sharded
 from stepvideo.modules.model import StepVideoModel
-from stepvideo.parallel.streaming import dit_streaming, load_streaming, step_llm_streaming
+from stepvideo.streaming import dit_streaming, load_streaming
 from stepvideo.text_encoder.stepllm import Step1Model
 from stepvideo.utils import safetensors_io as st
 
@@ -112,7 +112,7 @@ def test_streamed_step_llm_equals_resident_bitwise(tmp_path):
     folder = write(tmp_path / "step_llm", Step1Model(**LLM), LLM, "model", bf16=True)
     ids = Tensor(np.random.default_rng(2).integers(0, 128, (2, 12)).astype(np.int64))
     expected = Step1Model.from_pretrained(folder)(ids).asnumpy()
-    model = step_llm_streaming(folder)
+    model = Step1Model.from_pretrained_streaming(folder)
     try:
         for _ in range(2):
             assert np.array_equal(model(ids).asnumpy(), expected)

@@ -38,6 +38,10 @@ A fill on each device (the only device-specific part, chosen by
   `mindspore.runtime.Stream` / `Event` / `Tensor.copy_(non_blocking=True)`, untested
   for lack of an NPU (see docs/performance.md, "Block streaming").
 
+Where it lives: beside `checkpoint.py`, as a way of loading weights. Both the DiT (single
+process and `parallel/pipeline.py`) and Step-LLM (`Step1Model.from_pretrained_streaming`) use
+it, so it sits below them in the dependency order rather than in `parallel/`.
+
 Requirements: every block has the same parameter names, shapes and dtypes (checked);
 parameters are floating point; the blocks are safetensors tensors (`MappedCheckpoint`
 says why another format cannot be mapped).
@@ -339,7 +343,7 @@ def _bytes(params: Mapping[str, Parameter], names) -> int:
     return sum(int(np.prod(params[n].shape)) * numpy_dtype(params[n].dtype).itemsize for n in names)
 
 
-# ------------------------------------------------------------------------------ the two streamed models
+# ------------------------------------------------------------------------------ the DiT
 
 
 def dit_streaming(model: nn.Cell, folder: os.PathLike | str, blocks: range, *,
@@ -349,21 +353,3 @@ def dit_streaming(model: nn.Cell, folder: os.PathLike | str, blocks: range, *,
                                       key_filter=key_filter, what=what)
     model.block_hook = streamer.block
     return report, streamer
-
-
-def step_llm_streaming(folder: os.PathLike | str):
-    """`Step1Model` from `folder` with its decoder layers streamed (embeddings resident)."""
-    from stepvideo.checkpoint import read_config
-    from stepvideo.text_encoder.stepllm import Step1Model
-
-    model = Step1Model.from_config_dict(read_config(folder))
-    layers = range(len(model.transformer.layers))
-    report, streamer = load_streaming(model, folder, {i: f"transformer.layers.{i}." for i in layers},
-                                      what=f"Step-LLM ({folder})")
-    model.transformer.layer_hook = streamer.block
-    model.streamer = streamer
-    model.set_train(False)
-    log.info("Step1Model: %d resident tensors (%.1f MiB) loaded from %s in %.2fs; %d layers streamed "
-             "(%.1f MiB per layer slot)", report.tensors, report.bytes / 2**20, folder, report.seconds,
-             len(layers), streamer.slot_bytes() / 2**20)
-    return model
