@@ -8,7 +8,7 @@ safetensors shards + index) into a temp folder, reads the files once (warm page 
 runs, each in a fresh process: the resident DiT, the streamed DiT, and the streamed DiT under
 msrun with 2 ranks (Ulysses 2: both ranks stream the same blocks from the same mapped files).
 Each process builds the model lazily, resets its peak-RSS counter, loads, runs one warm-up DiT
-call (the compile), then times `--steps` DiT calls of one denoising step (CFG batch 2, 512
+call (the compile), then times `--steps` DiT calls of one denoising step (CFG batch 2, 256
 video tokens, 80 text tokens); a thread samples /proc/self/smaps_rollup every 50 ms. The temp
 folder is deleted at the end.
 
@@ -43,7 +43,7 @@ from benchmark.ascend import AscendAssumptions, ascend_projection  # noqa: E402
 from benchmark.flops import DitShape, block_flops, dit_flops, published_config  # noqa: E402
 from benchmark.measure import machine_line, table  # noqa: E402
 
-TOKENS = (1, 16, 32)  # latent frames, height, width: 512 video tokens
+TOKENS = (1, 16, 16)  # latent frames, height, width: 256 video tokens
 LLM_TOKENS, CLIP_TOKENS = 64, 16
 CHANNELS = (1024, 256)  # caption channels of the medium model (LLM, CLIP)
 
@@ -130,7 +130,7 @@ def _inputs(batch: int = 2):
                 return_dict=False)
 
 
-def probe(folder: str, mode: str, steps: int) -> dict:
+def probe(folder: str, mode: str, steps: int, jit: bool) -> dict:
     """Load (resident or streamed), one warm-up call, `steps` timed calls; memory and time of this process."""
     from stepvideo import backend
     backend.init("cpu")
@@ -167,7 +167,7 @@ def probe(folder: str, mode: str, steps: int) -> dict:
             loaded = report.bytes
         load_s = time.perf_counter() - t0
         after_load = _status("VmRSS") - rss0
-        model.set_jit(True)
+        model.set_jit(jit)
         inputs = _inputs()
         t = time.perf_counter()
         model(**inputs).asnumpy()
@@ -242,15 +242,16 @@ def _read_all(folder: Path) -> float:
     return time.perf_counter() - t
 
 
-def _run_probe(folder: Path, mode: str, steps: int) -> dict:
-    run = subprocess.run([sys.executable, __file__, "probe", str(folder), mode, str(steps)], capture_output=True,
+def _run_probe(folder: Path, mode: str, steps: int, jit: bool) -> dict:
+    run = subprocess.run([sys.executable, __file__, "probe", str(folder), mode, str(steps), str(int(jit))],
+                         capture_output=True,
                          text=True, timeout=3600, env=dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT)))
     if run.returncode != 0:
         raise RuntimeError(f"{mode} probe failed (rc={run.returncode}): {run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1].split(" ", 1)[1])
 
 
-def _run_probe_msrun(folder: Path, mode: str, steps: int, workers: int) -> List[dict]:
+def _run_probe_msrun(folder: Path, mode: str, steps: int, jit: bool, workers: int) -> List[dict]:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -258,7 +259,7 @@ def _run_probe_msrun(folder: Path, mode: str, steps: int, workers: int) -> List[
     with tempfile.TemporaryDirectory() as logs:
         cmd = [str(Path(sys.executable).with_name("msrun")), f"--worker_num={workers}",
                f"--local_worker_num={workers}", f"--master_port={port}", "--join=True", "--cluster_time_out=120",
-               f"--log_dir={logs}", __file__, "probe", str(folder), mode, str(steps)]
+               f"--log_dir={logs}", __file__, "probe", str(folder), mode, str(steps), str(int(jit))]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=logs,
                              env=dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT), STEPVIDEO_DEVICE="cpu"))
         results = []
@@ -287,11 +288,12 @@ def cmd_cpu(args) -> str:
         warm_s = _read_all(folder)
         per_block_fp32 = counts["block"] * (2 if bf16 else 1) // m.blocks
         other_fp32 = counts["other"] * (2 if bf16 else 1)
-        runs = [("1 process, resident", [_run_probe(folder, "resident", steps)]),
-                ("1 process, --offload blocks", [_run_probe(folder, "streamed", steps)])]
+        jit = not args.eager
+        runs = [("1 process, resident", [_run_probe(folder, "resident", steps, jit)]),
+                ("1 process, --offload blocks", [_run_probe(folder, "streamed", steps, jit)])]
         if not args.no_msrun:
-            runs.append(("2 ranks (Ulysses 2), resident", _run_probe_msrun(folder, "resident", steps, 2)))
-            runs.append(("2 ranks (Ulysses 2), --offload blocks", _run_probe_msrun(folder, "streamed", steps, 2)))
+            runs.append(("2 ranks (Ulysses 2), resident", _run_probe_msrun(folder, "resident", steps, jit, 2)))
+            runs.append(("2 ranks (Ulysses 2), --offload blocks", _run_probe_msrun(folder, "streamed", steps, jit, 2)))
     finally:
         shutil.rmtree(tmp)
     resident = runs[0][1][0]
@@ -330,8 +332,8 @@ def cmd_cpu(args) -> str:
              f"channels {CHANNELS[0]}/{CHANNELS[1]}; {args.file_dtype} safetensors, one shard per block + one for the "
              f"rest, {disk / 1e9:.2f} GB on disk ({disk / 2**30:.2f} GiB), {_mib(other_fp32 + m.blocks * per_block_fp32)}"
              f" MiB of fp32 parameters. Page cache warmed by reading the files once ({warm_s:.1f} s) before the runs. "
-             f"A step is one compiled DiT call on the CFG batch (2 x {TOKENS[0] * TOKENS[1] * TOKENS[2]} video tokens, "
-             f"{LLM_TOKENS + CLIP_TOKENS} text tokens), median of {steps} after one warm-up call (the compile). "
+             f"A step is one {'eager' if args.eager else 'compiled'} DiT call on the CFG batch (2 x {TOKENS[0] * TOKENS[1] * TOKENS[2]} video tokens, "
+             f"{LLM_TOKENS + CLIP_TOKENS} text tokens), median of {steps} after one warm-up call. "
              "Peak RSS growth: VmHWM after the run minus RSS before loading (after the process group under msrun). "
              "Rss / Pss / Anonymous: maxima of /proc/self/smaps_rollup sampled every 50 ms (Pss divides each "
              "shared page by the number of processes mapping it); 'mapped shards': maxima over the mappings of the "
@@ -451,7 +453,7 @@ def cmd_ascend(args) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "probe":  # internal: one measured process (or msrun worker)
-        print("PROBE_RESULT " + json.dumps(probe(argv[1], argv[2], int(argv[3]))), flush=True)
+        print("PROBE_RESULT " + json.dumps(probe(argv[1], argv[2], int(argv[3]), argv[4] == "1")), flush=True)
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("cpu", "ascend"))
@@ -459,7 +461,10 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=64, help="cpu: DiT blocks of 8 x 128 heads (64: 4.3 GB in fp32)")
     p.add_argument("--file_dtype", choices=("fp32", "bf16"), default="fp32", help="cpu: dtype of the safetensors")
     p.add_argument("--steps", type=int, default=3, help="cpu: timed DiT calls per run")
-    p.add_argument("--no_msrun", action="store_true", help="cpu: skip the 2-rank run")
+    p.add_argument("--no_msrun", action="store_true", help="cpu: skip the 2-rank runs")
+    p.add_argument("--eager", action="store_true",
+                   help="cpu: run the DiT op by op. Compiled, each block's graph keeps its own intermediates on CPU "
+                        "(~430 MiB per block at 2 x 512 tokens, D = 1024): 64 blocks need ~27 GiB either way")
     p.add_argument("--tmp", default=None, help="cpu: folder for the temporary checkpoint (default: the system's)")
     p.add_argument("--append", metavar="FILE", help="append the printed section to this Markdown file")
     args = p.parse_args(argv)
