@@ -5,7 +5,6 @@ the mapped checkpoint; its answers must equal the resident model run in this pro
 """
 from __future__ import annotations
 
-
 from stepvideo.diffusion.interfaces import LocalCaption
 from stepvideo.serving.client import RemoteCaption
 
