@@ -213,13 +213,19 @@ class BlockStreamer:
     """Streams the parameters under each of `prefixes` (block index -> parameter name prefix) from `mapped`.
 
     `block(i)` is the per-block hook: entered around block i, it puts block i's weights in
-    place (waiting for its fill if needed) and starts filling the next block of the order.
-    The order is that of `prefixes` (ascending block indices); blocks run in another order
-    are still correct, only not prefetched.
+    place (waiting for its fill if needed), starts filling the next block of the order, and
+    gives the cell to compute block i with: the first block of its slot (`cells`), whose
+    parameters are bound to the slot. Every block of a slot thus runs through one cell, so a
+    compiled model compiles 2 blocks instead of all of them (on CPU each compiled block keeps
+    ~430 MiB of intermediates at 2 x 512 tokens, D = 1024; see docs/performance.md). The
+    order is that of `prefixes` (ascending block indices); blocks run in another order are
+    still correct, only not prefetched.
     """
 
-    def __init__(self, net: nn.Cell, mapped: MappedCheckpoint, prefixes: Mapping[int, str], stream=None):
-        """stream: `backend.weight_copy_stream()` (None: the parameters live in host memory)."""
+    def __init__(self, net: nn.Cell, mapped: MappedCheckpoint, prefixes: Mapping[int, str],
+                 cells: Mapping[int, nn.Cell], stream=None):
+        """cells: block index -> the block's cell; stream: `backend.weight_copy_stream()` (None: the
+        parameters live in host memory)."""
         if not prefixes:
             raise ValueError("BlockStreamer: no blocks to stream")
         self.mapped = mapped
@@ -249,6 +255,7 @@ class BlockStreamer:
         for index in self.order:
             for name in self.shapes:
                 self.slots.bind(self._slot(index), name, params[prefixes[index] + name])
+        self._cells = {slot: cells[self.order[slot]] for slot in range(min(SLOTS, len(self.order)))}
         self._holds: List[Optional[int]] = [None] * SLOTS  # block whose fill was started in each slot
         self._pending: List[object] = [None] * SLOTS
         self.stats = StreamStats()
@@ -276,8 +283,9 @@ class BlockStreamer:
         self._pending[slot] = None
 
     @contextlib.contextmanager
-    def block(self, index: int) -> Iterator[None]:
-        """Around block `index`: its weights are in place inside, and the next block is being filled."""
+    def block(self, index: int) -> Iterator[nn.Cell]:
+        """Around block `index`: its weights are in place in the cell it gives, and the next block is being
+        filled."""
         if index not in self._position:
             raise KeyError(f"block {index} is not streamed here (streamed: {self.order})")
         slot = self._slot(index)
@@ -290,7 +298,7 @@ class BlockStreamer:
         if self._slot(following) != slot and self._holds[self._slot(following)] != following:
             self._start(following)
         try:
-            yield
+            yield self._cells[slot]
         finally:
             self.slots.done_with(slot)
 
@@ -302,8 +310,8 @@ class BlockStreamer:
         self.mapped.close()
 
 
-def load_streaming(net: nn.Cell, folder: os.PathLike | str, prefixes: Mapping[int, str], *,
-                   key_filter: Optional[KeyFilter] = None, what: str = "") -> Tuple[LoadReport, BlockStreamer]:
+def load_streaming(net: nn.Cell, folder: os.PathLike | str, prefixes: Mapping[int, str], cells: Mapping[int, nn.Cell],
+                   *, key_filter: Optional[KeyFilter] = None, what: str = "") -> Tuple[LoadReport, BlockStreamer]:
     """Load the parameters outside `prefixes` (and accepted by `key_filter`) resident; stream the rest.
 
     Checked before anything is read: the checkpoint can be mapped, and the host has room for
@@ -332,7 +340,7 @@ def load_streaming(net: nn.Cell, folder: os.PathLike | str, prefixes: Mapping[in
                         "weights: every pass over the blocks will read them from disk", label,
                         mapped.nbytes() / 2**30)
         report = load_weights(net, folder, key_filter=lambda n: accept(n) and not n.startswith(streamed))
-        streamer = BlockStreamer(net, mapped, prefixes, stream)
+        streamer = BlockStreamer(net, mapped, prefixes, cells, stream)
     except BaseException:
         mapped.close()
         raise
@@ -350,6 +358,7 @@ def dit_streaming(model: nn.Cell, folder: os.PathLike | str, blocks: range, *,
                   key_filter: Optional[KeyFilter] = None, what: str = "") -> Tuple[LoadReport, BlockStreamer]:
     """Load a lazily built `StepVideoModel` with its blocks `blocks` streamed; installs `model.block_hook`."""
     report, streamer = load_streaming(model, folder, {i: f"transformer_blocks.{i}." for i in blocks},
-                                      key_filter=key_filter, what=what)
+                                      {i: model.transformer_blocks[i] for i in blocks}, key_filter=key_filter,
+                                      what=what)
     model.block_hook = streamer.block
     return report, streamer

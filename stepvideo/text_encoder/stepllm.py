@@ -142,17 +142,17 @@ class TransformerBlock(nn.Cell):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def _no_layer_hook(index: int) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
-
-
 class Transformer(nn.Cell):
     def __init__(self, num_layers: int, **block_kwargs):
         super().__init__()
         self.num_heads = block_kwargs["num_heads"]
         self.layers = nn.CellList([TransformerBlock(**block_kwargs) for _ in range(num_layers)])
-        # (layer index) -> context entered around that layer; weight streaming puts the layer's weights in place.
-        self.layer_hook = _no_layer_hook
+        # (layer index) -> context around that layer giving the cell that computes it (default: the layer);
+        # weight streaming puts the layer's weights in place there.
+        self.layer_hook = self.resident_layer
+
+    def resident_layer(self, index: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext(self.layers[index])
 
     def alibi(self, seq_len: int) -> Tensor:
         """The attention bias every layer shares for a sequence of `seq_len` tokens."""
@@ -161,9 +161,9 @@ class Transformer(nn.Cell):
     def construct(self, hidden_states: Tensor) -> Tensor:
         """(b, s, hidden) -> (b, s, hidden)."""
         alibi = self.alibi(hidden_states.shape[1])
-        for i, layer in enumerate(self.layers):
-            with self.layer_hook(i):
-                hidden_states = layer(hidden_states, alibi)
+        for i in range(len(self.layers)):
+            with self.layer_hook(i) as cell:
+                hidden_states = cell(hidden_states, alibi)
         return hidden_states
 
 
@@ -209,6 +209,7 @@ class Step1Model(nn.Cell, PretrainedMixin):
         model = cls.from_config_dict(read_config(folder))
         layers = range(len(model.transformer.layers))
         report, streamer = load_streaming(model, folder, {i: f"transformer.layers.{i}." for i in layers},
+                                          {i: model.transformer.layers[i] for i in layers},
                                           what=f"Step-LLM ({folder})")
         model.transformer.layer_hook = streamer.block
         model.streamer = streamer
