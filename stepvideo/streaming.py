@@ -1,7 +1,7 @@
 """Block streaming (`--offload blocks`): a model's identical blocks live in the mapped checkpoint, not in memory.
 
-    streamer = load_streaming(model, folder, {i: f"transformer_blocks.{i}." for i in blocks})
-    model.block_hook = streamer.block          # the model enters `streamer.block(i)` around block i
+    report, streamer = dit_streaming(model, folder, blocks)   # installs model.block_hook = streamer.block
+    # the model then runs block i as:  with model.block_hook(i) as cell: x = cell(x, ...)
 
 The DiT is 48 identical blocks used strictly in order, so only the block that runs
 and the next one need their weights in place. Everything outside the blocks is
@@ -11,7 +11,9 @@ through the page cache) and are copied into one of two slots just before use:
 
 - slot s holds the weights of the blocks at positions s, s + 2, s + 4, ... of the
   streamed order: every block's parameters are bound to their slot's buffers once, at
-  install, and a fill writes the block's tensors into those buffers in place;
+  install, and a fill writes the block's tensors into those buffers in place; every
+  block of a slot is computed by the slot's first block cell, so a compiled model has
+  2 block graphs, not one per block;
 - entering block k waits for its fill, then starts the fill of the next block in the
   order (cyclically: after the last block comes the first, for the next micro-batch or
   step) into the other slot, which block k - 1 has finished with; the fill overlaps
