@@ -256,4 +256,5 @@ class NativeCollectives(Collectives):
 
 
 def make_collectives(mesh: Mesh) -> Collectives:
-    return NativeCollectives(mesh) if backend.on_ascend() else CpuCollectives(mesh)
+    """The collectives of the active kernel table (`backend.Kernels.native_collectives`)."""
+    return NativeCollectives(mesh) if backend.kernels().native_collectives else CpuCollectives(mesh)
