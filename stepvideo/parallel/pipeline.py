@@ -264,7 +264,7 @@ class DistributedDiT:
             "rope_grid": split.shard(e.rope_grid, me, axis=0),  # (n/u, 3)
             "text": take(e.encoder_hidden_states),  # (1, L, D)
             "text_mask": mask,  # (1, 1 | n/u, L)
-            "modulation": take(e.timestep),  # (1, 6D)
+            "modulation": take(e.modulation),  # (1, 6D)
             "embedded_timestep": take(e.embedded_timestep),  # (1, D), for the output layer
             "grid_size": Tensor(np.array([e.frames, e.height, e.width], np.int32)),
         }
