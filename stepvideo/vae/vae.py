@@ -24,18 +24,9 @@ All tensors inside the networks are (b, c, t, h, w). The math, as in the origina
 - the temporal up-sampling resblock adds its input twice (before and after the
   final SiLU).
 
-Differences from the original, none of which changes a number:
-- The original's `CausalConvChannelLast` differs from `CausalConv` only in memory
-  layout, so `CausalConv` stands for both; `CausalConvAfterNorm` keeps its meaning
-  (its input already carries the zero frames, inserted right after norm + SiLU).
-- Only version 2 (the one the official code uses) is implemented.
-- `is_init` is always true in the original's encode/decode paths and is not a
-  parameter here; `world_size` chunk distribution is not implemented (the
-  official server uses one process).
-- Posterior noise comes from a numpy generator (or an explicit array) instead of
-  torch's global RNG, so it is reproducible across devices.
-- Widths, level counts and the GroupNorm group count come from `VaeConfig`, whose
-  defaults are the published v2 values, so that a tiny VAE can be built for tests.
+Widths, level counts and the GroupNorm group count come from `VaeConfig` (defaults:
+the published v2 values); posterior noise comes from a numpy generator or an
+explicit array. The mid-block attention goes through `AttnBlock.core_attention`.
 """
 from __future__ import annotations
 
@@ -332,6 +323,8 @@ class AttnBlock(nn.Cell):
         self.k = CausalConv(in_channels, in_channels, 1)
         self.v = CausalConv(in_channels, in_channels, 1)
         self.proj_out = CausalConv(in_channels, in_channels, 1)
+        # Called as core_attention(q, k, v, causal=True), each (b, t*h*w, 1, c); replaceable.
+        self.core_attention = backend.attention
 
     @staticmethod
     def _tokens(x: Tensor) -> Tensor:
@@ -343,8 +336,8 @@ class AttnBlock(nn.Cell):
         """(b, c, t, h, w) -> same shape."""
         b, c, t, h, w = x.shape
         normed = self.norm(x)
-        out = backend.attention(self._tokens(self.q(normed)), self._tokens(self.k(normed)),
-                                self._tokens(self.v(normed)), causal=True)  # (b, t*h*w, 1, c)
+        out = self.core_attention(self._tokens(self.q(normed)), self._tokens(self.k(normed)),
+                                  self._tokens(self.v(normed)), causal=True)  # (b, t*h*w, 1, c)
         out = out.reshape(b, t * h * w, c).transpose(0, 2, 1).contiguous().reshape(b, c, t, h, w)
         return self.proj_out(out) + x
 
