@@ -31,8 +31,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import mindspore as ms
 from mindspore import Tensor, mint, ops
@@ -51,7 +50,7 @@ class Kernels:
         see the functions of the same name below.
     native_collectives: True = the distributed DiT uses the device's all-to-all and send/recv
         through `comm`; False = the emulations built from all-gather and broadcast.
-    comm: the communication module (the API of `mindspore.mint.distributed`).
+    comm: the communication module (`mindspore.mint.distributed`, or an object with its API).
     """
 
     name: str
@@ -61,7 +60,7 @@ class Kernels:
     rms_norm: Callable[[Tensor, Optional[Tensor], float], Tensor]
     modulated_layer_norm: Callable[..., Tensor]
     native_collectives: bool
-    comm: ModuleType
+    comm: Any
 
 
 @dataclass(frozen=True)
@@ -308,7 +307,7 @@ def cpu_kernels() -> Kernels:
 # --------------------------------------------------------------------------- Ascend kernels
 
 
-def ascend_kernels(device_ops=ops, comm: Optional[ModuleType] = None, compute_dtype: ms.dtype = ms.bfloat16,
+def ascend_kernels(device_ops: Any = ops, comm: Any = None, compute_dtype: ms.dtype = ms.bfloat16,
                    name: str = "ascend") -> Kernels:
     """The Ascend table: its device-only calls go to `device_ops` and `comm`.
 
