@@ -229,8 +229,11 @@ class StandinComm:
     all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False): rank i of the group
     receives chunk i of every rank's input list, written in place into output_tensor_list; done
     with a list all-gather. send / recv: MindSpore's own, with the CPU default-group fix. Every other
-    function is mint.distributed's.
+    function is mint.distributed's. `calls` counts the calls of the three stand-ins.
     """
+
+    def __init__(self):
+        self.calls = {"all_to_all": 0, "send": 0, "recv": 0}
 
     def __getattr__(self, name):
         return getattr(md, name)
@@ -247,6 +250,7 @@ class StandinComm:
             raise TypeError("all_to_all: async_op must be a bool")
         if async_op:
             raise NotImplementedError("all_to_all stand-in: async_op=True is not modelled")
+        self.calls["all_to_all"] += 1
         size = md.get_world_size(group) if group is not None else md.get_world_size()
         me = md.get_rank(group) if group is not None else md.get_rank()
         shape = tuple(input_tensor_list[0].shape)
@@ -263,10 +267,12 @@ class StandinComm:
 
     def send(self, tensor, dst=0, group=None, tag=0):
         _fix_cpu_send()
+        self.calls["send"] += 1
         return md.send(tensor, dst, group=group, tag=tag)
 
     def recv(self, tensor, src=0, group=None, tag=0):
         _fix_cpu_send()
+        self.calls["recv"] += 1
         return md.recv(tensor, src, group=group, tag=tag)
 
 
