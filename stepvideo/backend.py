@@ -140,6 +140,11 @@ def compute_dtype() -> ms.dtype:
     return kernels().compute_dtype
 
 
+def on_ascend() -> bool:
+    """The process runs on an Ascend NPU (for device resources such as streams; kernels come from the table)."""
+    return device() == ASCEND
+
+
 def kernels() -> Kernels:
     """The active kernel table (initialising the backend on first use)."""
     if _table is None:
