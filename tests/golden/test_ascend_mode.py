@@ -18,9 +18,9 @@ from stepvideo import backend
 from stepvideo.modules.model import StepVideoModel
 from stepvideo.text_encoder.clip import HunyuanClip
 from stepvideo.text_encoder.stepllm import STEP1TextEncoder
-from stepvideo.utils.synthetic_weights import rule_weights
 from stepvideo.vae.vae import AttnBlock
 from support import assert_parity, cases, golden, load, parity_error
+from synthetic_weights import rule_weights
 
 DIT_CASES = ("c0", "c1", "c2")
 DIT_TENSORS = ("patch_embed", "adaln_timestep", "block_0_out", "block_1_out", "output")
