@@ -16,6 +16,7 @@ compiled graph while the cell's `jit_enabled` is True, and eagerly otherwise.
 """
 from __future__ import annotations
 
+import threading
 import types
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -36,10 +37,13 @@ class jit_method:
     shape) while `self.jit_enabled` is True, and as plain Python otherwise.
 
     Every caller of the method (the cell's own forward, a pipeline stage calling it from
-    outside, another decorated method) gets the same choice. Graphs are cached per
-    instance and input shapes by MindSpore; they keep the backend kernels they were
-    compiled with.
+    outside, another decorated method) gets the same choice. A decorated method called while
+    another one is being compiled is inlined into that graph rather than compiled on its own.
+    Graphs are cached by MindSpore per instance and input shapes; they keep the backend
+    kernels they were compiled with.
     """
+
+    _compiling = threading.local()
 
     def __init__(self, fn: Callable):
         self.fn = fn
@@ -49,7 +53,16 @@ class jit_method:
     def __get__(self, obj, owner=None):
         if obj is None:
             return self.fn
-        return types.MethodType(self.graph if obj.jit_enabled else self.fn, obj)
+        if not obj.jit_enabled or getattr(jit_method._compiling, "active", False):
+            return types.MethodType(self.fn, obj)
+        return types.MethodType(self._run_graph, obj)
+
+    def _run_graph(self, obj, *args):
+        jit_method._compiling.active = True
+        try:
+            return self.graph(obj, *args)
+        finally:
+            jit_method._compiling.active = False
 
 
 def _triple(v: Union[int, Sequence[int]]) -> Tuple[int, int, int]:
