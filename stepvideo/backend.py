@@ -369,3 +369,15 @@ def modulated_layer_norm_fused(x: Tensor, weight: Optional[Tensor], bias: Option
 
 KERNEL_TABLES = {CPU: cpu_kernels, ASCEND: ascend_kernels}  # device -> the factory of its default table
 
+
+# --------------------------------------------------------------------------- weight streaming
+
+
+def weight_copy_stream():
+    """The stream that copies streamed block weights host -> device (`stepvideo/streaming.py`).
+
+    Ascend: a separate `mindspore.runtime.Stream`, so the next block's copy overlaps this
+    block's compute (untested here: no NPU). CPU: None, the parameters live in host memory
+    and a "copy" is a write into their buffers.
+    """
+    return ms.runtime.Stream() if on_ascend() else None

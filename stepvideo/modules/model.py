@@ -16,7 +16,10 @@ outside without this file knowing about ranks:
 
 Tokens, the RoPE grid (n, 3) and the cross-attention mask rows can all be
 sliced along the token axis by the caller; `SelfAttention.core_attention` is
-the per-block hook for an all-to-all attention.
+the per-block hook for an all-to-all attention. `block_hook(i)` is a context
+entered around block i that gives the cell computing it (default: block i
+itself); weight streaming (stepvideo/streaming.py) puts block i's weights in
+place there and gives the cell whose parameters hold them.
 
 Compiling: `model.set_jit(True)` is the one switch. The patch embedding, the text
 projection, each block's pieces around the attention hook and the output layer
@@ -31,6 +34,7 @@ row b attends to its first count[b] positions. The counts are summed in integers
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -122,6 +126,7 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         self.caption_channel = caption_channel
         self.caption_norm = LayerNorm(caption_channel, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.caption_projection = PixArtAlphaTextProjection(in_features=caption_channel, hidden_size=self.inner_dim)
+        self.block_hook = self.resident_block  # (block index) -> context giving its cell; see the module docstring
         self.jit_enabled = False
 
     @property
@@ -232,9 +237,14 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
             # The RoPE tables depend only on the positions: make them once for all blocks.
             rope = self.transformer_blocks[blocks.start].attn1.rope_tables(rope_grid, hidden_states.dtype)
         for i in blocks:
-            hidden_states = self.transformer_blocks[i](hidden_states, encoder_hidden_states, modulation=modulation,
-                                                       attn_mask=attn_mask, rope=rope)
+            with self.block_hook(i) as block:
+                hidden_states = block(hidden_states, encoder_hidden_states, modulation=modulation, attn_mask=attn_mask,
+                                      rope=rope)
         return hidden_states
+
+    def resident_block(self, index: int) -> contextlib.AbstractContextManager:
+        """The default `block_hook`: block `index` computes itself."""
+        return contextlib.nullcontext(self.transformer_blocks[index])
 
     def set_jit(self, enabled: bool) -> "StepVideoModel":
         """Run the patch embedding, the text projection, each block's pieces and the output layer as

@@ -21,9 +21,9 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from stepvideo import backend
+from stepvideo.contracts import check_prompts
 from stepvideo.text_encoder.clip import HunyuanClip
 from stepvideo.text_encoder.stepllm import STEP1TextEncoder
-from stepvideo.text_encoder.tokenizer import check_prompts
 
 LLM_MAX_LENGTH = 320
 CLIP_MAX_LENGTH = 77
@@ -56,15 +56,14 @@ class CaptionEncoder:
     """Step-LLM + HunyuanCLIP from a Step-Video model folder; prompts -> the packed caption."""
 
     def __init__(self, model_dir: Union[str, os.PathLike], llm_dir: str = "step_llm",
-                 clip_dir: str = "hunyuan_clip"):
-        self.text_encoder = STEP1TextEncoder(os.path.join(model_dir, llm_dir), max_length=LLM_MAX_LENGTH)
+                 clip_dir: str = "hunyuan_clip", offload: bool = False):
+        """offload: stream Step-LLM's layers (`STEP1TextEncoder`); CLIP (~1.3 GB) stays loaded."""
+        self.text_encoder = STEP1TextEncoder(os.path.join(model_dir, llm_dir), max_length=LLM_MAX_LENGTH,
+                                             offload=offload)
         self.clip = HunyuanClip(os.path.join(model_dir, clip_dir), max_length=CLIP_MAX_LENGTH)
 
     def __call__(self, prompts: Union[str, Sequence[str]]) -> Dict[str, Tensor]:
         prompts = check_prompts(prompts)
-        if not prompts:
-            # Step-LLM would encode one empty row but CLIP none: refuse rather than return mismatched rows.
-            raise ValueError("prompts: expected at least one prompt, got an empty list")
         y, y_mask = self.text_encoder(prompts)
         clip_embedding, _ = self.clip(prompts)
         return pack_caption(y, y_mask, clip_embedding)
