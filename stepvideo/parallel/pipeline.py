@@ -191,10 +191,11 @@ class DistributedDiT:
         dit.load_report = {"tensors": report.tensors, "bytes": report.bytes, "seconds": report.seconds,
                            "rss_growth": _resident_bytes() - rss_before,
                            "block_bytes": _block_bytes(model, plan.blocks), "sliced_tensors": len(slices)}
-        log.info("rank %d (stage %d of %d, cfg %d of %d, tensor %d of %d, sp rank %d of %d) holds %s: %d tensors, "
-                 "%.1f MiB, loaded in %.1fs", mesh.rank, mesh.stage, mesh.pp_degree, mesh.cfg_rank, mesh.cfg_degree,
-                 mesh.tp_rank, mesh.tp_degree, mesh.sp_rank, mesh.ulysses_degree, plan.describe(),
-                 report.tensors, report.bytes / 2**20, report.seconds)
+        log.info("rank %d (stage %d of %d, sp rank %d of %d) holds %s: %d tensors, %.1f MiB, loaded in %.1fs "
+                 "(cfg group %d of %d, tensor slice %d of %d: %.1f MiB of block weights)", mesh.rank, mesh.stage,
+                 mesh.pp_degree, mesh.sp_rank, mesh.ulysses_degree, plan.describe(), report.tensors,
+                 report.bytes / 2**20, report.seconds, mesh.cfg_rank, mesh.cfg_degree, mesh.tp_rank,
+                 mesh.tp_degree, dit.load_report["block_bytes"] / 2**20)
         return dit
 
     def set_jit(self, enabled: bool) -> "DistributedDiT":
