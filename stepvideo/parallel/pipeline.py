@@ -41,7 +41,7 @@ import gc
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import mindspore as ms
@@ -112,6 +112,16 @@ class Timing:
     pipeline_wait: float = 0.0  # recv, send and the output broadcast: bubbles and hand-offs
     sp_comm: float = 0.0  # Ulysses all-to-alls and the final all-gather
     tp_comm: float = 0.0  # tensor-parallel all-reduces (eager only: compiled, they are part of compute)
+    per_call: List[Dict[str, float]] = field(default_factory=list)  # the same split for each call
+
+    def add(self, total: float, pipeline_wait: float, sp_comm: float, tp_comm: float) -> None:
+        self.calls += 1
+        self.total += total
+        self.pipeline_wait += pipeline_wait
+        self.sp_comm += sp_comm
+        self.tp_comm += tp_comm
+        self.per_call.append({"total_s": total, "pipeline_wait_s": pipeline_wait, "sp_comm_s": sp_comm,
+                              "tp_comm_s": tp_comm, "compute_s": total - pipeline_wait - sp_comm - tp_comm})
 
     @property
     def compute(self) -> float:
@@ -124,7 +134,7 @@ class Timing:
     def as_dict(self) -> Dict[str, float]:
         return {"calls": self.calls, "total_s": self.total, "pipeline_wait_s": self.pipeline_wait,
                 "sp_comm_s": self.sp_comm, "tp_comm_s": self.tp_comm, "compute_s": self.compute,
-                "idle_fraction": self.idle_fraction}
+                "idle_fraction": self.idle_fraction, "per_call": self.per_call}
 
 
 def _difference(after: Mapping[str, OpStats], before: Mapping[str, OpStats]) -> Dict[str, OpStats]:
@@ -261,11 +271,9 @@ class DistributedDiT:
         wait += time.perf_counter() - t0
 
         self.last_traffic = _difference(self.collectives.snapshot(), before)
-        self.timing.calls += 1
-        self.timing.total += time.perf_counter() - started
-        self.timing.pipeline_wait += wait
-        self.timing.sp_comm += sum(s.seconds for op, s in self.last_traffic.items() if op in SP_COLLECTIVES)
-        self.timing.tp_comm += sum(s.seconds for op, s in self.last_traffic.items() if op in TP_COLLECTIVES)
+        self.timing.add(total=time.perf_counter() - started, pipeline_wait=wait,
+                        sp_comm=sum(s.seconds for op, s in self.last_traffic.items() if op in SP_COLLECTIVES),
+                        tp_comm=sum(s.seconds for op, s in self.last_traffic.items() if op in TP_COLLECTIVES))
         return {"x": prediction} if return_dict else prediction
 
     # ------------------------------------------------------------------ steps
