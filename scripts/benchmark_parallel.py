@@ -31,6 +31,7 @@ from typing import Dict, List, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 LAYOUTS = [  # name, workers, flags
     ("1 core (reference)", 1, ["--ulysses_degree", "1"]),
@@ -55,7 +56,7 @@ def write_medium_model(folder: Path) -> Path:
     from make_tiny_checkpoint import convert_clip, dit_config, lazy_shapes, make_tiny_checkpoint, write_json
     from stepvideo.checkpoint import save_sharded
     from stepvideo.modules.model import StepVideoModel
-    from stepvideo.utils.synthetic_weights import rule_weights
+    from synthetic_weights import rule_weights
 
     make_tiny_checkpoint(folder, layers=MEDIUM["num_layers"])
     convert_clip(folder)

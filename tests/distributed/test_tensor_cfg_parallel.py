@@ -89,7 +89,7 @@ def expected_traffic(model_dir, stats, **degrees):
     from stepvideo.checkpoint import read_config
     from stepvideo.config import NEG_MAGIC, POS_MAGIC
     from stepvideo.parallel.pipeline import step_traffic
-    from stepvideo.serving.interface import LocalCaption
+    from stepvideo.diffusion.interfaces import LocalCaption
 
     cfg = read_config(model_dir / "transformer")
     text = LocalCaption.from_model_dir(model_dir).encode([PROMPT + POS_MAGIC, NEG_MAGIC])
