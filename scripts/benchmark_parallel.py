@@ -23,6 +23,7 @@ device numbers of `benchmark.AscendAssumptions`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -147,13 +148,19 @@ BLOCK_SLICED = ("attn1.wqkv.weight", "attn1.wo.weight", "attn2.wq.weight", "attn
 RESERVE_GIB = 4.0  # device memory assumed taken by the framework, HCCL buffers and kernel workspaces
 
 
-def stage_weight_bytes(pp: int, tp: int, itemsize: int = 2) -> int:
-    """Parameter bytes of the heaviest stage's device: its blocks (projections / T) + embeddings or output."""
+@functools.lru_cache(maxsize=1)
+def published_parameter_sizes() -> Dict[str, int]:
+    """Parameter name -> element count of the published DiT (built lazily: no weight memory)."""
     from benchmark import published_config
     from stepvideo.modules.model import StepVideoModel
+    model = StepVideoModel.from_config_dict({**published_config(), "caption_channels": [6144, 1024]})
+    return {name: int(np.prod(p.shape)) for name, p in model.parameters_and_names()}
+
+
+def stage_weight_bytes(pp: int, tp: int, itemsize: int = 2) -> int:
+    """Parameter bytes of the heaviest stage's device: its blocks (projections / T) + embeddings or output."""
     from stepvideo.parallel.pipeline import plan_stages
-    model = StepVideoModel.from_config_dict({**published_config(), "caption_channels": [6144, 1024]})  # lazy
-    sizes = {name: int(np.prod(p.shape)) for name, p in model.parameters_and_names()}
+    sizes = published_parameter_sizes()
     per_plan = []
     for plan in plan_stages(48, pp):
         per_plan.append(sum(c // tp if name.endswith(BLOCK_SLICED) else c
