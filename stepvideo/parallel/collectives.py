@@ -8,6 +8,8 @@ Two implementations, chosen by the backend:
   verified in ../shared/notes/mindspore-cpu.md §4.3: all-gather-then-slice for
   Ulysses (K x memory for the gathered tensor, fine at test sizes) and a
   broadcast inside a two-rank link group for the hand-off.
+Both sum the tensor-parallel partial outputs with MindSpore's all-reduce (`tp_all_reduce`
+eagerly; `ops.AllReduce` inside compiled blocks, see tensor.py), which CPU has for subgroups.
 
 Groups are created once, in one global order, by their members only (a rank
 that asks for a group it is not in dies in WaitCommInitDone on MindSpore).

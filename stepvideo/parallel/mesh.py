@@ -17,7 +17,8 @@ The heaviest traffic stays between neighbouring ranks, i.e. inside one machine w
 holds T x U consecutive ranks: the Ulysses all-to-all (every block, the whole activations)
 is innermost, then the tensor-parallel all-reduce (three per block). The CFG rows never talk
 until the output, and the pipeline hand-off (one activation per micro-batch and stage) is
-outermost, so with two 8-NPU nodes and P = 2 only the hand-off crosses the network.
+outermost. With two 8-NPU nodes (node k holds ranks 8k .. 8k+7) and C = 2, T x U = 8 only the
+predictions cross the network; with P = 2 only the stage hand-off does.
 
 A `Mesh` is a plain value; nothing here talks to the network, so layouts can be validated
 before any process group starts.
