@@ -3,7 +3,8 @@
 Every layout's final latents (2 steps, rank 0 writes them) must equal the single-process run within
 1e-5 relative for the same seed. The video has 1 latent frame of 5 x 7 = 35 tokens, so Ulysses 3
 pads. The layouts run eagerly (--eager: op by op, the tensor-parallel all-reduce through the timed
-collectives) except tp2, which runs compiled (the all-reduce inside the block graphs). From
+collectives) except tp2 and tp2 x sp3, which run compiled (the all-reduce inside the block graphs; with
+Ulysses, inside the graph after the eager all-to-all attention). From
 --stats_dir the jobs also check each rank's block weights (1/T of the checkpoint's, counted from the
 shards' own headers), the counted traffic against `step_traffic`, and which CFG rows each rank ran.
 The two-"node" job runs scripts/run_parallel.sh twice on loopback, as two machines would.
@@ -100,7 +101,7 @@ def expected_traffic(model_dir, stats, **degrees):
 LAYOUTS = {  # name -> (workers, flags); "eager" unless said
     "tp2": (2, ["--ulysses_degree", "1", "--tensor_parallel_degree", "2"]),  # compiled
     "tp3": (3, ["--ulysses_degree", "1", "--tensor_parallel_degree", "3", "--eager"]),
-    "tp2_sp3": (6, ["--ulysses_degree", "3", "--tensor_parallel_degree", "2", "--eager"]),
+    "tp2_sp3": (6, ["--ulysses_degree", "3", "--tensor_parallel_degree", "2"]),  # compiled, Ulysses between
     "tp2_pp2": (4, ["--ulysses_degree", "1", "--tensor_parallel_degree", "2", "--pp_degree", "2", "--eager"]),
     "cfg2": (2, ["--ulysses_degree", "1", "--cfg_parallel_degree", "2", "--eager"]),
     "cfg2_pp2": (4, ["--ulysses_degree", "1", "--cfg_parallel_degree", "2", "--pp_degree", "2", "--eager"]),
