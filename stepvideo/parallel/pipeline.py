@@ -29,8 +29,9 @@ What each rank does (rank = ((stage * C + cfg) * T + tp) * U + sp, see `mesh.py`
 
 Idle time: `DistributedDiT.timing` splits each call into pipeline waiting
 (recv, send, waiting for the output broadcast), communication inside a stage
-(Ulysses all-to-alls and gather, tensor-parallel all-reduces when eager), and computing; with M micro-batches and P equal stages the
-pipeline bubble is (P-1)/(M+P-1) of a step. `step_traffic` gives the bytes one
+(Ulysses all-to-alls and gather, tensor-parallel all-reduces when eager), and
+computing; with M micro-batches and P equal stages the pipeline bubble is
+(P-1)/(M+P-1) of a step. `step_traffic` gives the bytes one
 rank of each stage moves per denoising step, from the same shapes (a test checks
 it against the counted traffic of a real run).
 """
