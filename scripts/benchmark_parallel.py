@@ -124,6 +124,7 @@ def measure(steps: int, layouts=LAYOUTS) -> str:
         model_dir = write_medium_model(workdir / "medium")
         reference = None
         for name, workers, flags in layouts:
+            load = os.getloadavg()[0]  # other jobs on the machine slow every rank: shown per layout
             ranks = run_layout(model_dir, workdir, name, workers, flags, steps)
             slowest = max(split_per_step(s)["total"] for s in ranks)
             if reference is None:
@@ -136,9 +137,10 @@ def measure(steps: int, layouts=LAYOUTS) -> str:
                              f"{part['compute'] / part['total']:.0%} / {part['comm'] / part['total']:.0%} / "
                              f"{part['idle'] / part['total']:.0%}",
                              f"{s['load']['block_bytes'] / 2**20:.0f}", f"{traffic / 2**20:.1f}",
-                             f"{reference / slowest:.2f}x"])
+                             f"{reference / slowest:.2f}x", f"{load:.1f}"])
     return table(["layout", "rank", "s per step", "compute s", "comm s", "idle s", "compute / comm / idle",
-                  "block weights MiB", "MiB sent per step (w/o output)", "speed-up vs 1 core"], rows)
+                  "block weights MiB", "MiB sent per step (w/o output)", "speed-up vs 1 core",
+                  "load average before"], rows)
 
 
 # ============================================================================ ascend (paper)
