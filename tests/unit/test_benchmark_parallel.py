@@ -1,5 +1,5 @@
-"""scripts/benchmark_parallel.py: the Ascend layout projection agrees with benchmark.py's independent
-pipeline projection where both apply, and its terms scale as the formulas say."""
+"""scripts/benchmark layouts: the Ascend layout projection agrees with the independent pipeline projection
+(`benchmark ascend`) where both apply, and its terms scale as the formulas say."""
 import sys
 from pathlib import Path
 
@@ -9,20 +9,20 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
-import benchmark_parallel  # noqa: E402
+from benchmark import layouts  # noqa: E402
 
 
 def test_pp2_sp2_matches_the_pipeline_projection():
-    ours = benchmark_parallel.layout_projection(pp=2, cfg=1, tp=1, u=2)
+    ours = layouts.layout_projection(pp=2, cfg=1, tp=1, u=2)
     theirs = benchmark.ascend_projection(u=2, pp=2)
     assert ours["total"] == pytest.approx(theirs["times"][0][1], rel=1e-3)
     assert ours["weights"] == theirs["weights"]
 
 
 def test_terms_scale_with_the_layout():
-    base = benchmark_parallel.layout_projection(pp=1, cfg=1, tp=1, u=4)
-    tp = benchmark_parallel.layout_projection(pp=1, cfg=1, tp=4, u=1)
-    cfg = benchmark_parallel.layout_projection(pp=2, cfg=2, tp=1, u=1)
+    base = layouts.layout_projection(pp=1, cfg=1, tp=1, u=4)
+    tp = layouts.layout_projection(pp=1, cfg=1, tp=4, u=1)
+    cfg = layouts.layout_projection(pp=2, cfg=2, tp=1, u=1)
     # the same four devices share the GEMMs and the attention evenly in every layout
     for p in (tp, cfg):
         # (the unsplit embeddings differ: < 0.1%)
@@ -35,6 +35,6 @@ def test_terms_scale_with_the_layout():
 
 
 def test_ascend_tables_name_the_best_layouts():
-    text = benchmark_parallel.ascend_tables()
+    text = layouts.ascend_tables()
     assert "| best 4-device layout that fits |" in text and "| best 8-device layout that fits |" in text
     assert "| pp2 x sp2 | 27.7 |" in text and "2,492 |" in text
