@@ -121,7 +121,7 @@ def read_slice(path: os.PathLike | str, info: st.TensorInfo, part: Slice) -> np.
     shape = tuple(info.shape)
     if not 0 <= part.axis < len(shape) or not 0 <= part.start < part.stop <= shape[part.axis]:
         raise CheckpointError(f"{path}: slice {tuple(part)} does not fit tensor {info.name!r} of shape {list(shape)}")
-    dtype = st.NUMPY_DTYPES[info.dtype]
+    dtype = dtypes.BY_SAFETENSORS[info.dtype].numpy
     outer = int(np.prod(shape[:part.axis], dtype=np.int64))
     inner = int(np.prod(shape[part.axis + 1:], dtype=np.int64)) * dtype.itemsize  # bytes per index of the axis
     run = (part.stop - part.start) * inner
