@@ -56,6 +56,7 @@ from stepvideo.parallel import ulysses
 from stepvideo.parallel.collectives import Collectives, OpStats
 from stepvideo.parallel.mesh import Mesh, split_layers
 from stepvideo.parallel.tensor import TensorParallel
+from stepvideo.streaming import dit_streaming
 from stepvideo.parallel.ulysses import SequenceSplit
 
 log = logging.getLogger(__name__)
@@ -182,12 +183,21 @@ class DistributedDiT:
         self.timing = Timing()
         self.last_traffic: Dict[str, OpStats] = {}  # collectives of the latest call
         self.load_report: Dict[str, float] = {}
+        self.streamer = None  # the BlockStreamer with --offload blocks
         self._split: Optional[SequenceSplit] = None
 
     @classmethod
     def from_pretrained(cls, folder: os.PathLike | str, mesh: Mesh, collectives: Collectives,
-                        layer_split: Optional[Sequence[int]] = None) -> "DistributedDiT":
-        """Build the model lazily and load only this rank's stage (and tensor slice) from `transformer/`."""
+                        layer_split: Optional[Sequence[int]] = None, offload: bool = False) -> "DistributedDiT":
+        """Build the model lazily and load only this rank's stage (and tensor slice) from `transformer/`.
+
+        offload: stream the stage's blocks from the mapped shards (`streaming.dit_streaming`): only
+        the embeddings / output layer stay loaded, plus two block slots. Streamed blocks are whole,
+        so it cannot be combined with tensor parallelism.
+        """
+        if offload and mesh.tp_degree > 1:
+            raise ValueError(f"--offload blocks streams whole blocks; with tensor_parallel_degree {mesh.tp_degree} "
+                             "each rank holds slices: use one or the other")
         config = read_config(folder)
         plan = plan_stages(config["num_layers"], mesh.pp_degree, layer_split)[mesh.stage]
         model = StepVideoModel.from_config_dict(config)
@@ -196,17 +206,29 @@ class DistributedDiT:
             tensor_parallel = TensorParallel(collectives)
             slices = tensor_parallel.shard_blocks(model, plan.blocks)
         rss_before = _resident_bytes()
-        report = load_weights(model, folder, key_filter=plan.owns, slices=slices)
+        streamer = None
+        if offload:
+            report, streamer = dit_streaming(model, folder, plan.blocks, key_filter=plan.owns,
+                                             what=f"rank {mesh.rank} ({plan.describe()})")
+        else:
+            report = load_weights(model, folder, key_filter=plan.owns, slices=slices)
         model.set_train(False)
         dit = cls(model, mesh, collectives, plan, tensor_parallel)
+        dit.streamer = streamer
         dit.load_report = {"tensors": report.tensors, "bytes": report.bytes, "seconds": report.seconds,
                            "rss_growth": _resident_bytes() - rss_before,
-                           "block_bytes": _block_bytes(model, plan.blocks), "sliced_tensors": len(slices)}
-        log.info("rank %d (stage %d of %d, sp rank %d of %d) holds %s: %d tensors, %.1f MiB, loaded in %.1fs "
-                 "(cfg group %d of %d, tensor slice %d of %d: %.1f MiB of block weights)", mesh.rank, mesh.stage,
-                 mesh.pp_degree, mesh.sp_rank, mesh.ulysses_degree, plan.describe(), report.tensors,
-                 report.bytes / 2**20, report.seconds, mesh.cfg_rank, mesh.cfg_degree, mesh.tp_rank,
-                 mesh.tp_degree, dit.load_report["block_bytes"] / 2**20)
+                           "streamed_bytes": streamer.mapped.nbytes() if streamer else 0,
+                           # block weights held in memory (streamed ones: see streamed_bytes)
+                           "block_bytes": 0 if streamer else _block_bytes(model, plan.blocks),
+                           "sliced_tensors": len(slices)}
+        log.info("rank %d (stage %d of %d, sp rank %d of %d) holds %s: %d tensors, %.1f MiB, loaded in %.1fs%s "
+                 "(cfg group %d of %d, tensor slice %d of %d: %.1f MiB of block weights)",
+                 mesh.rank, mesh.stage, mesh.pp_degree, mesh.sp_rank, mesh.ulysses_degree, plan.describe(),
+                 report.tensors, report.bytes / 2**20, report.seconds,
+                 f"; blocks streamed from the mapped shards ({streamer.mapped.nbytes() / 2**20:.1f} MiB, "
+                 f"2 slots of {streamer.slot_bytes() / 2**20:.1f} MiB)" if streamer else "",
+                 mesh.cfg_rank, mesh.cfg_degree, mesh.tp_rank, mesh.tp_degree,
+                 dit.load_report["block_bytes"] / 2**20)
         return dit
 
     def set_jit(self, enabled: bool) -> "DistributedDiT":

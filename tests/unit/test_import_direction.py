@@ -5,7 +5,8 @@ from import_graph import graph
 from support import ROOT
 
 LEVELS = {
-    **dict.fromkeys(("__init__", "backend", "dtypes", "contracts", "utils", "layers", "checkpoint", "config"), 0),
+    **dict.fromkeys(("__init__", "backend", "dtypes", "contracts", "utils", "layers", "checkpoint", "streaming",
+                     "config"), 0),
     **dict.fromkeys(("modules", "text_encoder", "vae"), 1),
     "diffusion": 2,
     **dict.fromkeys(("parallel", "serving"), 3),

@@ -230,6 +230,9 @@ def test_startup_checks_run_before_joining_a_job(tmp_path, monkeypatch):
                               "--tensor_parallel_degree", "3", "--cfg_parallel_degree", "2"]))
     with pytest.raises(SystemExit):  # argparse: CFG has two rows
         parse_args(["--cfg_parallel_degree", "3"])
+    with pytest.raises(StartupError, match="--offload blocks streams whole blocks"):
+        check_startup(parse_args(["--model_dir", folder, "--prompt", "x", "--ulysses_degree", "1",
+                                  "--tensor_parallel_degree", "2", "--pp_degree", "3", "--offload", "blocks"]))
 
 
 def test_distributed_dit_has_the_model_call_signature():
