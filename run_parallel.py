@@ -1,4 +1,4 @@
-"""Step-Video-T2V text-to-video, the DiT split over msrun ranks (pipeline stages x Ulysses).
+"""Step-Video-T2V text-to-video, the DiT split over msrun ranks (pipeline x CFG x tensor x Ulysses).
 
     msrun --worker_num=4 --local_worker_num=4 --join=True --log_dir=logs run_parallel.py \
         --model_dir ckpts/stepvideo-t2v --caption_url 127.0.0.1:5000 --vae_url 127.0.0.1:5001 \

@@ -3,11 +3,12 @@
 Kept from the original (stepvideo/config.py): --model_dir --vae_url --caption_url
 --ulysses_degree --prompt --infer_steps --cfg_scale --time_shift --num_frames
 --height --width --seed --save_path --name_suffix --num_videos --pos_magic
---neg_magic. Added: --pp_degree and --layer_split (pipeline stages), --local_models,
---output_type, --latents_out, --device, --eager, --stats_dir, --offload.
+--neg_magic --tensor_parallel_degree. Added: --pp_degree and --layer_split (pipeline
+stages), --cfg_parallel_degree, --local_models, --output_type, --latents_out, --device,
+--eager, --stats_dir, --offload.
 
-Not kept: --ring_degree and --tensor_parallel_degree (not implemented here: a
-value other than 1 would silently do something else), and the original's
+Not kept: --ring_degree (not implemented here: a value other than 1 would
+silently do something else), and the original's
 parsed-but-unused --flow_reverse, --flow_solver, --model_resolution,
 --use-cpu-offload and --batch_size.
 """
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "the memory-mapped checkpoint and bring each one in just before it runs, the next one "
                              "while the current one computes; memory for the other weights + 2 blocks, same "
                              "numbers. Needs safetensors checkpoints")
+
+    more = parser.add_argument_group("tensor and CFG parallelism (workers = pp x cfg x tensor x ulysses)")
+    more.add_argument("--tensor_parallel_degree", type=int, default=1,
+                      help="ranks splitting every block's heads and FFN width (heads / tensor / ulysses whole)")
+    more.add_argument("--cfg_parallel_degree", type=int, default=1, choices=(1, 2),
+                      help="2: the conditional and unconditional rows on two rank groups")
     return parser
 
 

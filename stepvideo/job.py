@@ -58,13 +58,17 @@ def check_startup(args: argparse.Namespace) -> dict:
         raise StartupError("--prompt is required")
     if args.infer_steps < 1:
         raise StartupError(f"--infer_steps must be >= 1, got {args.infer_steps}")
+    if args.offload == "blocks" and args.tensor_parallel_degree > 1:
+        raise StartupError(f"--offload blocks streams whole blocks; --tensor_parallel_degree "
+                           f"{args.tensor_parallel_degree} gives each rank slices: use one or the other")
     try:
         config = read_config(Path(args.model_dir) / "transformer")
     except CheckpointError as e:
         raise StartupError(f"--model_dir {args.model_dir}: {e}") from None
     world = int(os.environ.get("MS_WORKER_NUM", "1")) if launched_by_msrun() else 1
     try:
-        check_layout(world, args.ulysses_degree, args.pp_degree, config["num_attention_heads"], config["num_layers"])
+        check_layout(world, args.ulysses_degree, args.pp_degree, config["num_attention_heads"], config["num_layers"],
+                     tp_degree=args.tensor_parallel_degree, cfg_degree=args.cfg_parallel_degree)
         split_layers(config["num_layers"], args.pp_degree, args.layer_split)
     except ValueError as e:
         hint = "" if launched_by_msrun() else " (run under msrun for more than one rank)"
@@ -103,7 +107,8 @@ def run(args: argparse.Namespace, text_encoder=None, video_decoder=None):
     if launched_by_msrun():
         joined = init_process_group()
         mesh = Mesh(rank=joined.rank, world_size=joined.world_size, ulysses_degree=args.ulysses_degree,
-                    pp_degree=args.pp_degree)
+                    pp_degree=args.pp_degree, tp_degree=args.tensor_parallel_degree,
+                    cfg_degree=args.cfg_parallel_degree)
         collectives = make_collectives(mesh)
         transformer = DistributedDiT.from_pretrained(model_dir / "transformer", mesh, collectives, args.layer_split,
                                                      offload=args.offload == "blocks")
@@ -178,8 +183,9 @@ def _write_stats(folder: Path, dit, seconds_per_step: float) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     mesh, plan = dit.mesh, dit.plan
     stats = {
-        "rank": mesh.rank, "stage": mesh.stage, "sp_rank": mesh.sp_rank,
-        "ulysses_degree": mesh.ulysses_degree, "pp_degree": mesh.pp_degree,
+        "rank": mesh.rank, "stage": mesh.stage, "cfg_rank": mesh.cfg_rank, "tp_rank": mesh.tp_rank,
+        "sp_rank": mesh.sp_rank, "ulysses_degree": mesh.ulysses_degree, "pp_degree": mesh.pp_degree,
+        "tp_degree": mesh.tp_degree, "cfg_degree": mesh.cfg_degree, "compiled": dit.model.jit_enabled,
         "blocks": [plan.blocks.start, plan.blocks.stop], "first": plan.first, "last": plan.last,
         "holds": plan.describe(), "load": dit.load_report, "timing": dit.timing.as_dict(),
         "streaming": dit.streamer.stats.as_dict() if dit.streamer else None,

@@ -8,6 +8,8 @@ Two implementations, chosen by the backend:
   verified in ../shared/notes/mindspore-cpu.md §4.3: all-gather-then-slice for
   Ulysses (K x memory for the gathered tensor, fine at test sizes) and a
   broadcast inside a two-rank link group for the hand-off.
+Both sum the tensor-parallel partial outputs with MindSpore's all-reduce (`tp_all_reduce`
+eagerly; `ops.AllReduce` inside compiled blocks, see tensor.py), which CPU has for subgroups.
 
 Groups are created once, in one global order, by their members only (a rank
 that asks for a group it is not in dies in WaitCommInitDone on MindSpore).
@@ -71,10 +73,14 @@ class Collectives:
         self.comm = comm
         self.stats: Dict[str, OpStats] = {}
         self.sp_group: Optional[str] = None
+        self.tp_group: Optional[str] = None
         self.link_groups: Dict[int, str] = {}  # peer rank -> group name
         for ranks in mesh.sp_groups():
             if mesh.ulysses_degree > 1 and mesh.rank in ranks:
                 self.sp_group = self._new_group(ranks)
+        for ranks in mesh.tp_groups():
+            if mesh.tp_degree > 1 and mesh.rank in ranks:
+                self.tp_group = self._new_group(ranks)
         if self._needs_link_groups():
             for ranks in mesh.link_groups():
                 if mesh.rank in ranks:
@@ -92,6 +98,12 @@ class Collectives:
         entry.calls += 1
         entry.bytes += nbytes
         entry.seconds += time.perf_counter() - started
+
+    def record_in_graph(self, op: str, nbytes: int, calls: int) -> None:
+        """Count a collective that ran inside a compiled graph (its time is part of the graph's)."""
+        entry = self.stats.setdefault(op, OpStats())
+        entry.calls += calls
+        entry.bytes += nbytes
 
     def snapshot(self) -> Dict[str, OpStats]:
         """A copy of the counters (subtract two snapshots to get the traffic of a section)."""
@@ -128,6 +140,18 @@ class Collectives:
 
     def _all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
         raise NotImplementedError
+
+    # ----- tensor parallel (the ranks holding the other head / FFN slices of the same tokens)
+
+    def tp_all_reduce(self, x: Tensor) -> Tensor:
+        """The sum of `x` over the tensor-parallel group (every rank gets it)."""
+        if self.mesh.tp_degree == 1:
+            return x
+        started = time.perf_counter()
+        out = x.contiguous()
+        md.all_reduce(out, group=self.tp_group)
+        self._record("tp_all_reduce", payload_bytes(x), started)
+        return out
 
     # ----- pipeline hand-off (to the same SP position of the next/previous stage)
 
