@@ -51,11 +51,11 @@ def health_url(url: str, service: str) -> str:
     return endpoint_url[: -len(_ENDPOINTS[service])] + HEALTH_PATH
 
 
-def start_command(service: str, url: str, model_dir: str) -> str:
-    """The command that starts `service` where `url` points (its port when not the default)."""
+def start_command(service: str, url: str, model_dir: str, same_port: bool = True) -> str:
+    """The command that starts `service` on the host of `url` (on its port unless `same_port` is False)."""
     parts = urlsplit(url)
     command = f"python api/call_remote_server.py --model_dir {model_dir} {_FLAGS[service]}"
-    if parts.port is not None and parts.port != DEFAULT_PORTS[service]:
+    if same_port and parts.port is not None and parts.port != DEFAULT_PORTS[service]:
         command += f" --port {parts.port}"
     if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         command += f" --host {parts.hostname}  (on that machine)"
@@ -125,9 +125,14 @@ def _verdict(pending, model_dir: str, wait_seconds: float) -> str:
     lines = []
     for s in pending:
         lines.append(f"{s.service} service at {s.url}: {s.answer}")
-        if "still loading" in s.answer:
-            lines.append(f"  wait until it prints its URL, or pass --wait_services SECONDS"
+        if s.waitable and "nothing answers" not in s.answer:  # loading
+            lines.append("  wait until it prints its URL, or pass --wait_services SECONDS"
                          + (f" (waited {wait_seconds:g} s)" if wait_seconds else ""))
-        else:
+        elif s.waitable:  # nothing there: start it where the URL points
             lines.append(f"  start it with: {start_command(s.service, s.url, model_dir)}")
+        else:  # the port is taken by something else: start it on its own port and point the URL there
+            host = urlsplit(s.url).hostname
+            lines.append(f"  --{s.service}_url must point at the {s.service} service; start one with: "
+                         f"{start_command(s.service, s.url, model_dir, same_port=False)}, then pass "
+                         f"--{s.service}_url {host}:{DEFAULT_PORTS[s.service]}")
     return "\n".join(lines)

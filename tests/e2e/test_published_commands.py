@@ -124,6 +124,26 @@ def test_published_two_services_and_msrun_write_the_mp4(workdir, tiny_model_dir)
     latents = video.with_suffix(".safetensors")
     assert latents.is_file(), "the latents are written next to the mp4 before decoding"
 
+    # The same line with the caption URL pointing at the VAE-only service: every rank stops before
+    # loading the DiT, within seconds, rank 0 with the whole explanation (--join=True to see the end).
+    wrong = DIT.format(port=free_port(), prompt=PROMPT).replace("caption_url='127.0.0.1'",
+                                                                "caption_url='127.0.0.1:5001'")
+    wrong = wrong.replace("--log_dir=outputs/parallel_logs", "--join=True --log_dir=outputs/wrong_logs")
+    begun = time.monotonic()
+    out = bash(wrong + " || echo msrun-exit=$?", workdir, tiny_model_dir, timeout=120)
+    took = time.monotonic() - begun
+    print(f"caption URL at the VAE-only service: msrun ended after {took:.1f} s")
+    assert "msrun-exit=1" in out and took < 30
+    logs = workdir / "outputs" / "wrong_logs"
+    rank0 = (logs / "worker_0.log").read_text(errors="replace")
+    assert ("[rank 0] error: the services this job needs are not ready:\ncaption service at "
+            "http://127.0.0.1:5001/health: a Step-Video service with VAE, not the caption model (Step-LLM + CLIP)\n"
+            "  --caption_url must point at the caption service; start one with: python api/call_remote_server.py "
+            f"--model_dir {tiny_model_dir} --enable_llm True, then pass --caption_url 127.0.0.1:5000") in rank0
+    for rank in (1, 2, 3):  # each stops by itself, or msrun kills it once the first has failed
+        text = (logs / f"worker_{rank}.log").read_text(errors="replace")
+        assert "StepVideoModel" not in text and "holds" not in text, text[-2000:]
+
 
 def test_one_process_service_serves_both_urls_for_several_prompts(workdir, tiny_model_dir):
     bash("python api/call_remote_server.py --model_dir $model_dir &", workdir, tiny_model_dir)

@@ -126,8 +126,9 @@ def test_service_check_names_url_answer_and_command(start_service, tiny_model_di
     assert time.monotonic() - started < 5, "a wrong service is not worth waiting for"
     assert str(e.value) == (f"caption service at http://127.0.0.1:{port}/health: a Step-Video service with VAE, not "
                             "the caption model (Step-LLM + CLIP)\n"
-                            f"  start it with: python api/call_remote_server.py --model_dir M --enable_llm True "
-                            f"--port {port}")
+                            "  --caption_url must point at the caption service; start one with: "
+                            "python api/call_remote_server.py --model_dir M --enable_llm True, then pass "
+                            "--caption_url 127.0.0.1:5000")
 
     # Nothing there.
     missing = free_port()
@@ -136,7 +137,8 @@ def test_service_check_names_url_answer_and_command(start_service, tiny_model_di
         check_services({"caption": f"127.0.0.1:{missing}"}, model_dir="M")
     print(f"missing service: error after {time.monotonic() - started:.2f} s")
     assert f"caption service at http://127.0.0.1:{missing}/health: nothing answers" in str(e.value)
-    assert "--enable_llm True" in str(e.value)
+    assert str(e.value).endswith(f"  start it with: python api/call_remote_server.py --model_dir M --enable_llm True "
+                                 f"--port {missing}")
 
     # Something that is not a Step-Video service (an HTTP server without /health JSON).
     other = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(missing)],
