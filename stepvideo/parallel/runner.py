@@ -1,15 +1,21 @@
 """What `run_parallel.py` does in each process of an msrun job (or alone, without msrun).
 
 Order matters for failing fast:
-1. flags, the transformer config and the parallel layout are checked before the
-   process joins the job. msrun runs this script in its scheduler process too,
-   and every process sees the same world size (MS_WORKER_NUM), so a bad layout
-   stops every process at once with the list of possible layouts;
-2. the process joins the job, builds its stage of the DiT and loads only that
-   stage's weights;
-3. rank 0 alone talks to the caption encoder and broadcasts the embeddings;
+1. flags, prompts, the transformer config and the parallel layout are checked
+   before the process joins the job. msrun runs this script in its scheduler
+   process too, and every process sees the same world size (MS_WORKER_NUM), so a
+   bad layout stops every process at once with the list of possible layouts;
+2. every process asks the services' /health (`check_services`): a missing, wrong
+   or still-loading service stops the whole job within seconds, before any weight
+   is loaded (--wait_services waits for loading ones);
+3. the process joins the job, builds its stage of the DiT and loads only that
+   stage's weights, once for all prompts;
+4. per prompt, rank 0 alone talks to the caption encoder and broadcasts the
+   embeddings (or the failure, so every rank goes on with the next prompt);
    every rank runs the same denoising loop on identical latents;
-4. rank 0 alone decodes and writes the video (and the latents if asked).
+5. rank 0 alone writes each video's latents, then decodes it into its own mp4; a
+   failed decode keeps the latents and the job goes on; the summary at the end
+   lists what was written where (`--decode_latents` decodes saved latents later).
 
 Any exception prints `[rank r] error: ...` with the traceback and ends the
 process at once with a non-zero code (without MindSpore's teardown, which would

@@ -144,6 +144,19 @@ def test_published_two_services_and_msrun_write_the_mp4(workdir, tiny_model_dir)
         text = (logs / f"worker_{rank}.log").read_text(errors="replace")
         assert "StepVideoModel" not in text and "holds" not in text, text[-2000:]
 
+    # Two prompts, the first refused by the caption service (longer than its limit): every rank hears of
+    # the failure from rank 0, goes on with the second prompt, and its video is written.
+    (workdir / "prompts.txt").write_text("x" * 20000 + "\nA cat walks on the grass\n", encoding="utf-8")
+    several = DIT.format(port=free_port(), prompt=PROMPT).replace(f'--prompt "{PROMPT}"', "--prompt_file prompts.txt")
+    several = several.replace("--log_dir=outputs/parallel_logs", "--join=True --log_dir=outputs/several_logs")
+    out = bash(several + " || echo msrun-exit=$?", workdir, tiny_model_dir, timeout=240)
+    assert "msrun-exit=1" in out  # one prompt gave no video
+    rank0 = (workdir / "outputs" / "several_logs" / "worker_0.log").read_text(errors="replace")
+    assert "summary: 1 of 1 video(s) written" in rank0, rank0[-3000:]
+    assert "FAILED: text encoding failed: " in rank0 and "HTTP 400" in rank0
+    (cat,) = (workdir / "results").glob("A_cat_walks_on_the_grass-*.mp4")
+    assert f"    results/{cat.name}" in rank0 and read_mp4(cat)[0].shape == (17, 32, 48, 3)
+
 
 def test_one_process_service_serves_both_urls_for_several_prompts(workdir, tiny_model_dir):
     bash("python api/call_remote_server.py --model_dir $model_dir &", workdir, tiny_model_dir)
