@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_models(args: argparse.Namespace):
     """(caption or None, vae or None, backend info), or None after printing why the models cannot load."""
     from stepvideo import backend  # MindSpore: imported only once the port is ours
-    from stepvideo.serving.interface import LocalCaption, LocalVae
+    from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
 
     info = backend.init(device_id=args.device_id)
     started = time.perf_counter()

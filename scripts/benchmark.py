@@ -363,7 +363,7 @@ def cmd_vae(args) -> str:
     from mindspore import Tensor
 
     from stepvideo import backend
-    from stepvideo.utils.synthetic_weights import rule_tensor
+    from synthetic_weights import rule_tensor
     from stepvideo.vae.vae import AutoencoderKL, VaeConfig
 
     backend.init("cpu")
@@ -444,7 +444,7 @@ class _StubText:
         self.llm_channels, self.clip_channels, self.llm_valid = llm_channels, clip_channels, llm_valid
 
     def encode(self, prompts):
-        from stepvideo.serving.interface import CaptionOutput
+        from stepvideo.diffusion.interfaces import CaptionOutput
         rng = np.random.default_rng(0)
         b = len(prompts)
         mask = np.zeros((b, 77 + 320), np.int64)

@@ -40,7 +40,7 @@ from convert import bert_expected_shapes  # noqa: E402  (repo-root script, share
 from stepvideo import backend  # noqa: E402
 from stepvideo.checkpoint import named_parameters, save_sharded  # noqa: E402
 from stepvideo.utils import safetensors_io as st  # noqa: E402
-from stepvideo.utils.synthetic_weights import rule_weights  # noqa: E402
+from synthetic_weights import rule_weights  # noqa: E402
 from stepvideo.utils.torch_format import save_state_dict  # noqa: E402
 
 LLM_HIDDEN = 64

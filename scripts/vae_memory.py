@@ -36,7 +36,7 @@ def child(config_name: str, chunks: int, latent_hw) -> dict:
 
     from stepvideo import backend
     from stepvideo.checkpoint import named_parameters
-    from stepvideo.utils.synthetic_weights import rule_tensor
+    from synthetic_weights import rule_tensor
     from stepvideo.vae.vae import AutoencoderKL, VaeConfig
 
     backend.init("cpu")

@@ -158,7 +158,7 @@ class StepVideoPipeline:
     def setup_local(self, model_dir: Union[str, os.PathLike], text: bool = True,
                     vae: bool = True) -> "StepVideoPipeline":
         """Load the text encoders and/or the VAE from `model_dir` into this process (single machine)."""
-        from stepvideo.serving.interface import LocalCaption, LocalVae
+        from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
 
         if text:
             self.text_encoding = LocalCaption.from_model_dir(model_dir)

@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 from stepvideo.serving import wire
-from stepvideo.serving.interface import CaptionOutput, TextEncoding, VideoDecoding, check_latents, check_prompts
+from stepvideo.diffusion.interfaces import CaptionOutput, TextEncoding, VideoDecoding, check_latents, check_prompts
 from stepvideo.serving.wire import CAPTION_PATH, DEFAULT_PORTS, HEALTH_PATH, TOKEN_ENV, VAE_PATH, check_token
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ from starlette.requests import ClientDisconnect
 from stepvideo.serving import wire
 
 if TYPE_CHECKING:  # the models come in built; importing them here would pull in MindSpore
-    from stepvideo.serving.interface import TextEncoding, VideoDecoding
+    from stepvideo.diffusion.interfaces import TextEncoding, VideoDecoding
 
 log = logging.getLogger(__name__)
 

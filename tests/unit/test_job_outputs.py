@@ -15,7 +15,7 @@ import pytest
 
 from stepvideo.config import load_presets, parse_args
 from stepvideo.diffusion.video_pipeline import StepVideoPipeline, VideoOutputError
-from stepvideo.parallel.runner import StartupError, read_prompts
+from stepvideo.job import StartupError, read_prompts
 from stepvideo.serving.client import RemoteVae
 from stepvideo.utils import safetensors_io as st
 from stepvideo.utils.video_process import read_mp4, video_frames, write_mp4

@@ -298,7 +298,7 @@ def _encoders(args, text_encoder, video_decoder):
     """The caption encoder and the VAE of rank 0: given, in-process (--local_models) or remote."""
     if text_encoder is None:
         if args.local_models:
-            from stepvideo.serving.interface import LocalCaption
+            from stepvideo.diffusion.interfaces import LocalCaption
 
             text_encoder = LocalCaption.from_model_dir(args.model_dir)
         else:
@@ -313,7 +313,7 @@ def _encoders(args, text_encoder, video_decoder):
 def _video_decoder(args):
     """The VAE: in-process (--local_models) or the service at --vae_url."""
     if args.local_models:
-        from stepvideo.serving.interface import LocalVae
+        from stepvideo.diffusion.interfaces import LocalVae
 
         return LocalVae.from_model_dir(args.model_dir)
     from stepvideo.serving.client import RemoteVae
