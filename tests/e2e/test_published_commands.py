@@ -103,7 +103,25 @@ def workdir(tmp_path, tiny_model_dir):
     stop_all(str(tiny_model_dir))
 
 
+def run_failing(script: str, workdir: Path, model_dir: Path, logs: str) -> tuple:
+    """The DiT line with --join=True into outputs/<logs>: (seconds until msrun ended, rank 0's log)."""
+    script = script.replace("--log_dir=outputs/parallel_logs", f"--join=True --log_dir=outputs/{logs}")
+    begun = time.monotonic()
+    out = bash(script + " || echo msrun-exit=$?", workdir, model_dir, timeout=240)
+    took = time.monotonic() - begun
+    assert "msrun-exit=1" in out, out[-3000:]
+    return took, (workdir / "outputs" / logs / "worker_0.log").read_text(errors="replace")
+
+
 def test_published_two_services_and_msrun_write_the_mp4(workdir, tiny_model_dir):
+    # Pasted before the services: every rank stops before loading, rank 0 says how to start them.
+    took, rank0 = run_failing(DIT.format(port=free_port(), prompt=PROMPT), workdir, tiny_model_dir, "missing_logs")
+    print(f"services missing: msrun ended after {took:.1f} s")
+    assert took < 30 and "StepVideoModel" not in rank0
+    assert ("caption service at http://127.0.0.1:5000/health: nothing answers ([Errno 111] Connection refused)\n"
+            f"  start it with: python api/call_remote_server.py --model_dir {tiny_model_dir} --enable_llm True\n"
+            "vae service at http://127.0.0.1:5001/health: nothing answers") in rank0
+
     bash(SERVICES, workdir, tiny_model_dir)
     vae, caption = wait_ready(5001), wait_ready(5000)
     assert vae["models"] == {"caption": False, "vae": True}
@@ -128,14 +146,10 @@ def test_published_two_services_and_msrun_write_the_mp4(workdir, tiny_model_dir)
     # loading the DiT, within seconds, rank 0 with the whole explanation (--join=True to see the end).
     wrong = DIT.format(port=free_port(), prompt=PROMPT).replace("caption_url='127.0.0.1'",
                                                                 "caption_url='127.0.0.1:5001'")
-    wrong = wrong.replace("--log_dir=outputs/parallel_logs", "--join=True --log_dir=outputs/wrong_logs")
-    begun = time.monotonic()
-    out = bash(wrong + " || echo msrun-exit=$?", workdir, tiny_model_dir, timeout=120)
-    took = time.monotonic() - begun
+    took, rank0 = run_failing(wrong, workdir, tiny_model_dir, "wrong_logs")
     print(f"caption URL at the VAE-only service: msrun ended after {took:.1f} s")
-    assert "msrun-exit=1" in out and took < 30
+    assert took < 30
     logs = workdir / "outputs" / "wrong_logs"
-    rank0 = (logs / "worker_0.log").read_text(errors="replace")
     assert ("[rank 0] error: the services this job needs are not ready:\ncaption service at "
             "http://127.0.0.1:5001/health: a Step-Video service with VAE, not the caption model (Step-LLM + CLIP)\n"
             "  --caption_url must point at the caption service; start one with: python api/call_remote_server.py "
@@ -148,10 +162,7 @@ def test_published_two_services_and_msrun_write_the_mp4(workdir, tiny_model_dir)
     # the failure from rank 0, goes on with the second prompt, and its video is written.
     (workdir / "prompts.txt").write_text("x" * 20000 + "\nA cat walks on the grass\n", encoding="utf-8")
     several = DIT.format(port=free_port(), prompt=PROMPT).replace(f'--prompt "{PROMPT}"', "--prompt_file prompts.txt")
-    several = several.replace("--log_dir=outputs/parallel_logs", "--join=True --log_dir=outputs/several_logs")
-    out = bash(several + " || echo msrun-exit=$?", workdir, tiny_model_dir, timeout=240)
-    assert "msrun-exit=1" in out  # one prompt gave no video
-    rank0 = (workdir / "outputs" / "several_logs" / "worker_0.log").read_text(errors="replace")
+    _, rank0 = run_failing(several, workdir, tiny_model_dir, "several_logs")  # exit 1: one prompt gave no video
     assert "summary: 1 of 1 video(s) written" in rank0, rank0[-3000:]
     assert "FAILED: text encoding failed: " in rank0 and "HTTP 400" in rank0
     (cat,) = (workdir / "results").glob("A_cat_walks_on_the_grass-*.mp4")
