@@ -6,7 +6,7 @@ default ports 5000/5001 started with one flag each, bare-host URLs, `msrun --bin
 python -u run_parallel.py ...` without --join (msrun returns at once; the test waits for the
 workers, as a user watches the log folder). Then the original's one-process form: one service
 with no enable flag, both URLs pointing at it, several prompts from a file with two videos
-each, one mp4 per video. Every process is found by the test's temp folder in its command line
+each, one mp4 per video, the job started together with the service (--wait_services). Every process is found by the test's temp folder in its command line
 and stopped at the end.
 """
 from __future__ import annotations
@@ -170,13 +170,13 @@ def test_published_two_services_and_msrun_write_the_mp4(workdir, tiny_model_dir)
 
 
 def test_one_process_service_serves_both_urls_for_several_prompts(workdir, tiny_model_dir):
-    bash("python api/call_remote_server.py --model_dir $model_dir &", workdir, tiny_model_dir)
-    health = wait_ready(5000)
-    assert health["models"] == {"caption": True, "vae": True}
     (workdir / "prompts.txt").write_text("A cat walks on the grass\n\n一只熊猫在吃竹子\n", encoding="utf-8")
-    job = bash("python run_parallel.py --model_dir $model_dir --vae_url 127.0.0.1:5000 --caption_url 127.0.0.1:5000 "
+    # Pasted together: the job waits for the service with --wait_services instead of failing.
+    job = bash("python api/call_remote_server.py --model_dir $model_dir &\n"
+               "python run_parallel.py --model_dir $model_dir --vae_url 127.0.0.1:5000 --caption_url 127.0.0.1:5000 "
                "--ulysses_degree 1 --prompt_file prompts.txt --num_videos 2 --infer_steps 1 --num_frames 17 "
-               "--height 32 --width 48", workdir, tiny_model_dir, timeout=240)
+               "--height 32 --width 48 --wait_services 120", workdir, tiny_model_dir, timeout=240)
+    assert wait_ready(5000, timeout=5)["models"] == {"caption": True, "vae": True}
     videos = sorted((workdir / "results").glob("*.mp4"))
     assert [v.name.split("-")[0] for v in videos] == ["A_cat_walks_on_the_grass_v0", "A_cat_walks_on_the_grass_v1",
                                                       "一只熊猫在吃竹子_v0", "一只熊猫在吃竹子_v1"]
