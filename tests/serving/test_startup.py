@@ -83,18 +83,23 @@ def test_port_is_held_while_loading_health_says_loading_and_a_second_service_fai
 def test_a_second_service_fails_fast_while_the_first_is_still_loading(start_service, tiny_model_dir):
     """The case that used to fail minutes later: both bound, neither listening until loaded."""
     port = free_port()
-    start_service(["--model_dir", str(tiny_model_dir), "--port", str(port)])
+    first = start_service(["--model_dir", str(tiny_model_dir), "--port", str(port)])  # no flag: both models
     deadline = time.monotonic() + 60
     while _health(port) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     answer = _health(port)
-    assert answer is not None and answer[0] == 503, answer  # the first one is loading
+    assert answer == (503, {"status": "loading", "models": {"caption": True, "vae": True}}), answer
     started = time.monotonic()
-    second = subprocess.run([sys.executable, str(SERVER), "--model_dir", str(tiny_model_dir), "--port", str(port)],
+    second = subprocess.run([sys.executable, str(SERVER), "--model_dir", str(tiny_model_dir), "--enable_llm", "True",
+                             "--enable_vae", "True", "--port", str(port)],
                             capture_output=True, text=True, env=_env(), timeout=60)
     took = time.monotonic() - started
     print(f"second service while the first loads: exit {second.returncode} after {took:.2f} s")
     assert second.returncode != 0 and took < 5.0 and f"127.0.0.1:{port}" in second.stderr
+    # both named True: the memory warning; no flag (the original's one-process mode): none
+    assert "serving both the caption model (Step-LLM + CLIP) and the VAE in this process" in second.stderr
+    first.wait_ready()
+    assert "serving both" not in first.log()
 
 
 # --------------------------------------------------------------------------- the DiT job's check
