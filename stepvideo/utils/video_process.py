@@ -1,17 +1,13 @@
-"""Decoded video -> uint8 frames -> mp4, as the original post-processes it.
+"""Decoded video -> uint8 frames -> mp4.
 
-Faithful parts: clamp to [-1, 1], (x + 1) * 127.5, truncate to uint8, the batch
-stacked along the height, a centre crop to the 540p standard (540x960 landscape,
-960x540 portrait), 25 fps libx264 with the original's `atadenoise` filter.
+Clamp to [-1, 1], (x + 1) * 127.5, truncate to uint8, the batch stacked along the
+height, a centre crop to the 540p standard (540x960 landscape, 960x540 portrait) when
+the frame is at least that large, 25 fps libx264 with the `atadenoise` filter.
 
-Deliberate differences (documented for users):
-- the crop only applies when the frame is at least as large as the standard
-  (the original sliced with negative indices on smaller frames);
-- the file is written to a temporary name and renamed, so a crash never leaves
-  a half-written mp4 under the final name;
-- the name derived from the prompt is sanitised (no path separators or control
-  characters, bounded length) and made unique, instead of embedding the
-  prompt and a timestamp with spaces and colons verbatim.
+The file is written to a temporary name and renamed, so a crash never leaves a
+half-written mp4 under the final name; its name is derived from the prompt, sanitised
+(no path separators or control characters, bounded length) and made unique.
+How this compares with the original: docs/porting.md.
 """
 from __future__ import annotations
 
