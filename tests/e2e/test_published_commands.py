@@ -107,7 +107,7 @@ def run_failing(script: str, workdir: Path, model_dir: Path, logs: str) -> tuple
     """The DiT line with --join=True into outputs/<logs>: (seconds until msrun ended, rank 0's log)."""
     script = script.replace("--log_dir=outputs/parallel_logs", f"--join=True --log_dir=outputs/{logs}")
     begun = time.monotonic()
-    out = bash(script + " || echo msrun-exit=$?", workdir, model_dir, timeout=240)
+    out = bash(script.rstrip() + " || echo msrun-exit=$?", workdir, model_dir, timeout=240)
     took = time.monotonic() - begun
     assert "msrun-exit=1" in out, out[-3000:]
     return took, (workdir / "outputs" / logs / "worker_0.log").read_text(errors="replace")
