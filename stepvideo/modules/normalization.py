@@ -4,15 +4,12 @@ Parameter names follow the checkpoint (`adaln_single.emb.timestep_embedder.linea
 `caption_projection.linear_2.bias`, ...).
 
 `RMSNorm` is re-exported from `stepvideo.layers` (normalise in fp32, cast back,
-then scale), which is the original's `normalization.RMSNorm`.
+then scale).
 
 `use_additional_conditions=True` is Step-Video-TI2V's image-to-video DiT: a
 motion-score embedding (`adaln_single.emb.motion_score_embedder.*`, the same
 256-channel [cos, sin] projection as the timestep's, but of the raw score, not
 x1000) is added to the timestep embedding.
-
-Left out on purpose: the original's `TimestepEmbedding.cond_proj` / `post_act`
-(never enabled in this model).
 """
 from __future__ import annotations
 
