@@ -14,11 +14,13 @@ converted to float32 exactly by shifting into the high half of a uint32.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
@@ -227,18 +229,53 @@ def write_stream(fh: BinaryIO, tensors: Mapping[str, np.ndarray], *, bf16: Itera
         fh.write(prepared[name][0].tobytes())
 
 
-def save_file(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], *, bf16: Iterable[str] = (),
-              metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write a safetensors file atomically (a temporary file, then rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+def new_file_mode() -> int:
+    """The permissions `open(path, "w")` would give a new file (0o666 less the umask);
+    `tempfile.mkstemp` makes its files 0o600, which would hide model files from other users."""
     try:
-        with open(tmp, "wb") as fh:
-            write_stream(fh, tensors, bf16=bf16, metadata=metadata)
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask
+
+
+def fsync_file(path: os.PathLike | str) -> None:
+    """Flush a written file's data to the disk (before renaming it into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: os.PathLike | str) -> Iterator[BinaryIO]:
+    """A binary file that appears at `path` complete or not at all.
+
+    Written to a uniquely named temporary file beside `path` (two writers never share
+    one), flushed and fsynced, then renamed over `path`; on any error it is removed.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, new_file_mode())
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_file(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], *, bf16: Iterable[str] = (),
+              metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write a safetensors file atomically (`atomic_output`)."""
+    with atomic_output(path) as fh:
+        write_stream(fh, tensors, bf16=bf16, metadata=metadata)
 
 
 def to_bytes(tensors: Mapping[str, np.ndarray], *, bf16: Iterable[str] = (),

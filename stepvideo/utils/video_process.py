@@ -19,9 +19,13 @@ import datetime
 import os
 import re
 import subprocess
+import tempfile
 import unicodedata
 from pathlib import Path
+
 import numpy as np
+
+from stepvideo.utils.safetensors_io import fsync_file, new_file_mode
 
 FPS = 25
 CODEC = "libx264"
@@ -95,13 +99,19 @@ def write_mp4(frames: np.ndarray, path: os.PathLike | str, fps: int = FPS) -> Pa
     n, h, w, _ = frames.shape
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    # A unique name (two jobs writing the same video never share a temporary); ffmpeg
+    # overwrites it (-y) and it is fsynced before the rename.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    os.fchmod(fd, new_file_mode())
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
         done = _run_ffmpeg(["-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
                             "-r", str(fps), "-i", "-", "-an", "-vcodec", CODEC, "-pix_fmt", "yuv420p", "-crf", CRF,
                             "-v", "error", *FFMPEG_PARAMS, str(tmp)], stdin=frames.tobytes())
         if done.returncode != 0:
             raise RuntimeError(f"ffmpeg could not write {path}: {done.stderr.decode(errors='replace').strip()}")
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

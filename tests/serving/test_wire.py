@@ -192,3 +192,26 @@ def test_prompts_round_trip():
 def test_malformed_prompt_bodies(body, message):
     with pytest.raises(wire.WireError, match=message):
         wire.decode_prompts(body, max_prompts=2, max_prompt_chars=10)
+
+
+def unpadded(payload: bytes, extra: int) -> bytes:
+    """The same tensors with the header padded by `extra` spaces instead of to 8 bytes:
+    valid safetensors (the format does not require padding), data at an unaligned offset."""
+    (n,) = struct.unpack_from("<Q", payload)
+    raw = payload[8:8 + n].rstrip(b" ") + b" " * extra
+    return struct.pack("<Q", len(raw)) + raw + payload[8 + n:]
+
+
+@pytest.mark.parametrize("extra", range(8))
+def test_unpadded_headers_decode_to_aligned_arrays(extra):
+    rng = np.random.default_rng(extra)
+    tensors = {"a": rng.standard_normal((2, 3)).astype(np.float32), "b": np.arange(5, dtype=np.int64),
+               "c": rng.standard_normal(3).astype(np.float64), "d": np.array([1, 0, 1], np.uint8)}
+    payload = unpadded(wire.encode(tensors), extra)
+    specs = [wire.TensorSpec("a", ("x", "y"), ("F32",)), wire.TensorSpec("b", ("x",), ("I64",)),
+             wire.TensorSpec("c", ("x",), ("F64",)), wire.TensorSpec("d", ("x",), ("U8",))]
+    for data in (payload, bytearray(payload)):
+        out = wire.decode(data, specs)
+        for name, arr in tensors.items():
+            assert out[name].flags.aligned and out[name].flags.c_contiguous, (extra, name)
+            assert same_bits(out[name], arr), (extra, name)
