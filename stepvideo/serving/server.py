@@ -457,7 +457,8 @@ def is_loopback(host: str) -> bool:
 
 class GracefulServer(uvicorn.Server):
     """On SIGTERM/SIGINT: stop accepting, drop the queued model jobs (their clients get 503), let the
-    running job finish for up to the app's grace period, then exit even if it has not.
+    running job finish for up to the app's grace period, then exit even if it has not (exit code 1;
+    0 when everything finished).
 
     uvicorn itself stops listening and waits `timeout_graceful_shutdown` for open requests;
     `finish` ends the process if the model thread is still busy after that (a device call
@@ -471,6 +472,9 @@ class GracefulServer(uvicorn.Server):
             log.info("signal %s: not accepting requests; dropped %d queued job(s); the running job (%s) has %g s",
                      sig, dropped, worker.running or "none", self.config.timeout_graceful_shutdown or 0)
         super().handle_exit(sig, frame)
+        # uvicorn would re-raise the signal once shut down, killing the process before `finish`;
+        # the shutdown is handled here, so the process exits normally (0) or from `finish` (1).
+        self._captured_signals.clear()
 
     def finish(self) -> None:
         worker = getattr(self.config.app.state, "model_worker", None)
@@ -484,7 +488,8 @@ class GracefulServer(uvicorn.Server):
 def uvicorn_limits(app: FastAPI) -> dict:
     """uvicorn.Config arguments from the app's Limits: connection cap and shutdown grace period."""
     limits: Limits = app.state.limits
-    return {"limit_concurrency": limits.max_connections, "timeout_graceful_shutdown": limits.shutdown_grace_s}
+    # uvicorn answers 503 once the open connections, the new one included, reach its limit.
+    return {"limit_concurrency": limits.max_connections + 1, "timeout_graceful_shutdown": limits.shutdown_grace_s}
 
 
 def serve(app: FastAPI, sock: socket.socket, on_ready: Callable[[], None], log_level: str = "info") -> None:
