@@ -9,12 +9,17 @@ Endpoints (each model is optional; a process may serve either or both):
     GET  /health        JSON: models loaded, device, dtype, busy
 
 The original services unpickled request bodies and answered every failure
-with HTTP 200 and a `None`; here bad input gets a 4xx and a model failure a
-5xx, both with a JSON body {"error": "..."} that says what was wrong, and the
-service keeps serving. Checks, in order: token (if one is set), content type,
-declared and streamed body size (before the body is read past the limit),
-the payload itself (`stepvideo.serving.wire`), then room in the queue for the
-model (503 when `max_waiting` requests already wait).
+with HTTP 200 and a `None`; here bad input gets a 4xx with a JSON body
+{"error": "..."} that says what was wrong, and the service keeps serving. A
+model failure is a 500 that says only "internal error" and a request id; the
+log pairs the id with the traceback. Checks, in order: connections (503 past
+`max_connections`), token (if one is set), content type, declared and streamed
+body size (413 before the body is read past the limit) and time (408 when it
+has not arrived within `body_timeout_s`), the payload itself
+(`stepvideo.serving.wire`), its memory estimate (413 over `max_memory_bytes`,
+`stepvideo.serving.costs`), then room in the queue for the model (503 when
+`max_waiting` requests already wait). A queued request whose client
+disconnects is dropped before it runs.
 
 Model work runs on one worker thread, off the event loop: the device runs one
 request at a time (two models on one accelerator at once risk running out of
