@@ -27,13 +27,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from stepvideo import dtypes
 from stepvideo.utils import safetensors_io as st
 from stepvideo.utils.torch_format import TorchCheckpoint, TorchFormatError
 
 BERT_PREFIX = "bert."
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-# What each float dtype is stored as in numpy (bfloat16: uint16 bit patterns).
-_STORED_AS = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+FLOAT_DTYPES = dtypes.FLOAT_NAMES
 
 
 class ConvertError(ValueError):
@@ -65,26 +64,24 @@ def bert_expected_shapes(config: dict) -> Dict[str, Tuple[int, ...]]:
         "embeddings.word_embeddings.weight": (config["vocab_size"], h),
         "embeddings.position_embeddings.weight": (config["max_position_embeddings"], h),
         "embeddings.token_type_embeddings.weight": (config["type_vocab_size"], h),
-        "embeddings.LayerNorm.weight": (h,),
-        "embeddings.LayerNorm.bias": (h,),
     }
+
+    def affine(name: str, out: int, fan_in: Optional[int] = None) -> None:
+        """`name.weight` (out, fan_in) or (out,) for a norm, and `name.bias` (out,)."""
+        shapes[f"{name}.weight"] = (out,) if fan_in is None else (out, fan_in)
+        shapes[f"{name}.bias"] = (out,)
+
+    affine("embeddings.LayerNorm", h)
     for i in range(config["num_hidden_layers"]):
         layer = f"encoder.layer.{i}"
         for proj in ("query", "key", "value"):
-            shapes[f"{layer}.attention.self.{proj}.weight"] = (h, h)
-            shapes[f"{layer}.attention.self.{proj}.bias"] = (h,)
-        shapes[f"{layer}.attention.output.dense.weight"] = (h, h)
-        shapes[f"{layer}.attention.output.dense.bias"] = (h,)
-        shapes[f"{layer}.attention.output.LayerNorm.weight"] = (h,)
-        shapes[f"{layer}.attention.output.LayerNorm.bias"] = (h,)
-        shapes[f"{layer}.intermediate.dense.weight"] = (inter, h)
-        shapes[f"{layer}.intermediate.dense.bias"] = (inter,)
-        shapes[f"{layer}.output.dense.weight"] = (h, inter)
-        shapes[f"{layer}.output.dense.bias"] = (h,)
-        shapes[f"{layer}.output.LayerNorm.weight"] = (h,)
-        shapes[f"{layer}.output.LayerNorm.bias"] = (h,)
-    shapes["pooler.dense.weight"] = (h, h)
-    shapes["pooler.dense.bias"] = (h,)
+            affine(f"{layer}.attention.self.{proj}", h, h)
+        affine(f"{layer}.attention.output.dense", h, h)
+        affine(f"{layer}.attention.output.LayerNorm", h)
+        affine(f"{layer}.intermediate.dense", inter, h)
+        affine(f"{layer}.output.dense", h, inter)
+        affine(f"{layer}.output.LayerNorm", h)
+    affine("pooler.dense", h, h)
     return shapes
 
 
@@ -107,10 +104,10 @@ def cast(arr: np.ndarray, source: str, target: str) -> np.ndarray:
     """Cast between float dtypes as torch's `.to()` does (bfloat16 as uint16 bits, round to nearest even)."""
     if source == target:
         return arr
-    wide = st.bf16_bits_to_f32(arr) if source == "bfloat16" else arr.astype(np.float32)
+    wide = dtypes.bf16_bits_to_f32(arr) if source == "bfloat16" else arr.astype(np.float32)
     if target == "bfloat16":
-        return st.f32_to_bf16_bits(wide)
-    return wide.astype(_STORED_AS[target])
+        return dtypes.f32_to_bf16_bits(wide)
+    return wide.astype(dtypes.BY_NAME[target].numpy)
 
 
 def convert(pt_filename: str, sf_filename: str, config_path: str, dtype: Optional[str] = None) -> Summary:

@@ -6,11 +6,11 @@
 
 `scripts/run_parallel.sh` wraps msrun (free port, logs, clear errors); without msrun this
 runs the whole DiT in one process (--ulysses_degree 1 --pp_degree 1). Flags: stepvideo/config.py;
-what each rank does: stepvideo/parallel/runner.py.
+what each rank does: stepvideo/job.py.
 """
 import sys
 
-from stepvideo.parallel.runner import main
+from stepvideo.job import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         return 1
 
     from stepvideo import backend  # MindSpore: imported only once the port is ours
-    from stepvideo.serving.interface import LocalCaption, LocalVae
+    from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
 
     info = backend.init(device_id=args.device_id)
     started = time.perf_counter()

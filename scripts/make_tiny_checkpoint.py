@@ -17,7 +17,7 @@ The DiT has 6 heads of 128 channels, so Ulysses degrees 1, 2, 3 (and 6) work, an
 pipeline stages; --layers gives more). That fixes its size: 24M parameters, 48 MB in bf16, most of
 the folder's ~48 MiB. Weights follow the
 golden fixtures' generation rule (per-key seed from the salt and the key), so the folder is the same
-bit for bit for the same seed. The sentencepiece tokenizer is trained here on a small built-in
+bit for bit for the same seed. The model configurations are configs/tiny/*.json. The sentencepiece tokenizer is trained here on a small built-in
 corpus (deterministic with one thread); the BERT vocabulary is built from the same corpus.
 Nothing is downloaded.
 """
@@ -40,11 +40,10 @@ from convert import bert_expected_shapes  # noqa: E402  (repo-root script, share
 from stepvideo import backend  # noqa: E402
 from stepvideo.checkpoint import named_parameters, save_sharded  # noqa: E402
 from stepvideo.utils import safetensors_io as st  # noqa: E402
-from stepvideo.utils.synthetic_weights import rule_weights  # noqa: E402
-from stepvideo.utils.torch_format import save_state_dict  # noqa: E402
+from synthetic_weights import rule_weights  # noqa: E402
+from torch_checkpoint_writer import save_state_dict  # noqa: E402
 
-LLM_HIDDEN = 64
-CLIP_HIDDEN = 32
+CONFIGS = ROOT / "configs" / "tiny"
 CONTROL_TOKENS = ["<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>", "<|THINK_END|>"]
 MASK_TOKENS = ["<|MASK_1e69f|>", "<|UNMASK_1e69f|>"]
 SHARD_BYTES = 16 * 2**20
@@ -64,30 +63,24 @@ CORPUS = [
 ]
 
 
+def read_tiny_config(name: str) -> dict:
+    """configs/tiny/<name>.json: a tiny model's configuration, as written into the checkpoint folder."""
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
 def dit_config(layers: int) -> dict:
-    return {"_class_name": "StepVideoModel", "_diffusers_version": "0.31.0", "attention_head_dim": 128,
-            "attention_type": "parallel", "caption_channels": [LLM_HIDDEN, CLIP_HIDDEN], "dropout": 0.0,
-            "in_channels": 64, "norm_elementwise_affine": False, "norm_eps": 1e-06,
-            "norm_type": "ada_norm_single", "num_attention_heads": 6, "num_layers": layers, "out_channels": 64,
-            "patch_size": 1, "use_additional_conditions": False}
+    """The tiny DiT with `layers` blocks; its caption channels must be the two text encoders' widths."""
+    config = dict(read_tiny_config("transformer"), num_layers=layers)
+    widths = [STEP_LLM_CONFIG["hidden_size"], CLIP_HIDDEN]
+    if config["caption_channels"] != widths:
+        raise ValueError(f"{CONFIGS}/transformer.json: caption_channels {config['caption_channels']} must be "
+                         f"[step_llm hidden_size, clip hidden_size] = {widths}")
+    return config
 
 
-STEP_LLM_CONFIG = {
-    "architectures": ["Step1Model"], "attention_impl": "GQA", "hidden_size": LLM_HIDDEN, "num_layers": 2,
-    "num_attention_heads": 4, "num_attention_groups": 2, "kv_channels": 16, "ffn_hidden_size": 160,
-    "layernorm_epsilon": 1e-05, "padded_vocab_size": 640, "orig_vocab_size": 600, "max_position_embeddings": 320,
-    "seq_length": 320, "params_dtype": "torch.bfloat16", "torch_dtype": "bfloat16", "use_flash_attn": True,
-    "attention_dropout": 0.0, "hidden_dropout": 0.0, "embedding_weights_in_fp32": False,
-    "fp32_residual_connection": False,
-}
-
-CLIP_CONFIG = {
-    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1, "hidden_size": CLIP_HIDDEN, "initializer_range": 0.02, "intermediate_size": 64,
-    "layer_norm_eps": 1e-12, "max_position_embeddings": 80, "model_type": "bert", "num_attention_heads": 2,
-    "num_hidden_layers": 2, "pad_token_id": 0, "position_embedding_type": "absolute", "type_vocab_size": 2,
-    "vocab_size": None,  # set from the vocabulary built below
-}
+STEP_LLM_CONFIG = read_tiny_config("step_llm")
+CLIP_CONFIG = read_tiny_config("clip_text_encoder")  # vocab_size is set from the vocabulary built below
+CLIP_HIDDEN = CLIP_CONFIG["hidden_size"]
 
 
 def write_json(path: Path, obj) -> None:
@@ -164,8 +157,7 @@ def write_vae(out: Path, seed: int) -> None:
     from stepvideo.vae.vae import AutoencoderKL, VaeConfig
 
     # The smallest widths the v2 structure allows with z = 64 (the patch layer must be a multiple of 2z).
-    config = VaeConfig(encoder_ch=4, encoder_ch_mult=(1, 2, 4, 4), decoder_ch=4, decoder_ch_mult=(1, 2, 4, 4),
-                       num_groups=4, patch_channels=128)
+    config = VaeConfig.from_dict(read_tiny_config("vae"))
     folder = out / "vae"
     write_json(folder / "config.json", config.to_dict())
     net = AutoencoderKL(z_channels=64, version=2, config=config)

@@ -36,8 +36,8 @@ def child(config_name: str, chunks: int, latent_hw) -> dict:
 
     from stepvideo import backend
     from stepvideo.checkpoint import named_parameters
-    from stepvideo.utils.synthetic_weights import rule_tensor
     from stepvideo.vae.vae import AutoencoderKL, VaeConfig
+    from synthetic_weights import rule_tensor
 
     backend.init("cpu")
     config = VaeConfig.tiny() if config_name == "tiny" else VaeConfig()

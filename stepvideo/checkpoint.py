@@ -16,7 +16,6 @@ peak is the loaded weights plus one tensor in flight.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import logging
@@ -30,6 +29,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from stepvideo import dtypes
 from stepvideo.utils import safetensors_io as st
 
 log = logging.getLogger(__name__)
@@ -95,31 +95,19 @@ def _shard_name(name, index: Path) -> str:
     return name
 
 
-_NUMPY_DTYPES = {ms.float32: np.float32, ms.float16: np.float16, ms.float64: np.float64,
-                 ms.int64: np.int64, ms.int32: np.int32, ms.bool_: np.bool_}
-
-
-@functools.lru_cache(maxsize=1)
-def _numpy_bf16() -> np.dtype:
-    """MindSpore's own numpy bfloat16 type (numpy has none; ml_dtypes is not required).
-
-    Looked up on first use: running a kernel at import time would fix the device too early.
-    """
-    return Tensor(np.zeros(1, np.float32)).astype(ms.bfloat16).asnumpy().dtype
-
-
 def _to_parameter_tensor(arr: np.ndarray, stored: str, dtype: ms.dtype) -> Tensor:
     """Convert one stored tensor to `dtype` with at most one copy."""
     if stored == st.BF16 and dtype == ms.bfloat16:
-        return Tensor.from_numpy(arr.view(_numpy_bf16()))
+        return Tensor.from_numpy(dtypes.mindspore_bf16(arr))
     if stored == st.BF16:
-        arr = st.bf16_bits_to_f32(arr)
+        arr = dtypes.bf16_bits_to_f32(arr)
     if dtype == ms.bfloat16:
         return Tensor.from_numpy(np.ascontiguousarray(arr, np.float32)).astype(ms.bfloat16)
-    if dtype not in _NUMPY_DTYPES:
-        raise CheckpointError(f"cannot load into a parameter of dtype {dtype}")
-    np_dtype = _NUMPY_DTYPES[dtype]
-    return Tensor.from_numpy(np.ascontiguousarray(arr.astype(np_dtype, copy=False)))
+    try:
+        row = dtypes.of_mindspore(dtype)
+    except TypeError:
+        raise CheckpointError(f"cannot load into a parameter of dtype {dtype}") from None
+    return Tensor.from_numpy(np.ascontiguousarray(arr.astype(row.numpy, copy=False)))
 
 
 def named_parameters(net: nn.Cell) -> Dict[str, ms.Parameter]:

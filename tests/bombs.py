@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
+import torch_checkpoint_writer as writer
 from stepvideo.utils import torch_format as tf
 
 GiB = 2**30
@@ -55,7 +56,7 @@ def write_zip(path: Path, pickled: bytes, storages: Sequence[Tuple[str, bytes]])
     records: List[Tuple[str, bytes]] = [("data.pkl", pickled), ("byteorder", b"little")]
     records += [(f"data/{key}", data) for key, data in storages]
     with open(path, "wb") as fh:
-        tf._zip_records("archive", records, fh)
+        writer._zip_records("archive", records, fh)
     return path
 
 
@@ -182,6 +183,7 @@ import json, resource, sys, time
 root, mode, path, cap = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 sys.path.insert(0, root)
 import convert
+import torch_checkpoint_writer as writer
 from stepvideo.utils import torch_format as tf
 
 def vm_size():
@@ -223,7 +225,8 @@ def measure(root: Path, mode: str, path: Path, cap_bytes: int = 3 * GiB, timeout
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(root), "OPENBLAS_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "scripts")]), "OPENBLAS_NUM_THREADS": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run([sys.executable, "-c", _CHILD, str(root), mode, str(path), str(cap_bytes)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(root))
     if done.returncode != 0:

@@ -1,25 +1,21 @@
 """`StepVideoPipeline`: prompt -> text embeddings -> denoising loop -> video.
 
-The loop is the original's: the prompts sent to the text encoders are
-`[prompt + pos_magic, neg_magic]`; the latent is duplicated for classifier-free
-guidance with the conditional half first; every batch row gets the timestep;
-`guided = uncond + scale * (cond - uncond)`; the scheduler steps in fp32.
+The loop: the prompts sent to the text encoders are `[prompt + pos_magic, neg_magic]`;
+the latent is duplicated for classifier-free guidance with the conditional half first;
+every batch row gets the timestep; `guided = uncond + scale * (cond - uncond)`; the
+scheduler steps in fp32. `guidance_scale <= 1` runs without guidance (one batch row per
+video). `prompt` is a string or a non-empty list (`stepvideo.contracts`), each giving
+`num_videos_per_prompt` videos.
 
-Text encoding and decoding go through two small interfaces (`encode(prompts)`
-and `decode(latents)`) with a remote implementation (the HTTP services, as in
-the original deployment) and an in-process one; see `stepvideo.serving`.
+Text encoding and decoding go through two small interfaces (`encode(prompts)` and
+`decode(latents)`, `stepvideo.diffusion.interfaces`) with an in-process implementation
+there and a remote one in `stepvideo.serving.client`.
 
-What differs from the original, on purpose:
-- `guidance_scale <= 1` runs without guidance (the original still encoded the
-  negative prompt and crashed on the batch mismatch).
-- A list of prompts and `num_videos_per_prompt > 1` work (the original
-  concatenated a list with a string).
-- Frames are rounded to multiples of 17 and sizes to multiples of 16 as in the
-  original, but a warning says so whenever the user's values change.
-- Initial noise is drawn with numpy from the seed/generator (identical on CPU
-  and Ascend), then rounded to bf16 values as the original draws it in bf16;
-  user-given latents are rounded to bf16 values like the original casts them.
-- Bad arguments raise ValueError before any model work.
+Sizes: frames are rounded down to a multiple of 17 and height/width to multiples of 16,
+with a warning when the values change. Initial noise is drawn with numpy from the
+seed/generator (the same on every device) and rounded to bf16 values; given latents are
+rounded to bf16 values and define the video size. Bad arguments raise ValueError before
+any model work. How this compares with the original: docs/porting.md.
 """
 from __future__ import annotations
 
@@ -36,9 +32,10 @@ import numpy as np
 from mindspore import Tensor
 from tqdm import tqdm
 
+from stepvideo import dtypes
+from stepvideo.contracts import check_latent_shape, check_prompts
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
 from stepvideo.modules.model import StepVideoModel
-from stepvideo.utils import safetensors_io as st
 from stepvideo.utils.video_process import VideoProcessor, crop_to_540p, to_uint8_frames
 
 log = logging.getLogger(__name__)
@@ -56,7 +53,7 @@ class StepVideoPipelineOutput:
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
     """fp32 values rounded to the nearest bf16 value (kept in fp32)."""
-    return st.bf16_bits_to_f32(st.f32_to_bf16_bits(x))
+    return dtypes.bf16_bits_to_f32(dtypes.f32_to_bf16_bits(x))
 
 
 def latent_shape(batch: int, num_frames: int, height: int, width: int, channels: int) -> tuple:
@@ -128,7 +125,7 @@ class StepVideoPipeline:
     def setup_local(self, model_dir: Union[str, os.PathLike], text: bool = True,
                     vae: bool = True) -> "StepVideoPipeline":
         """Load the text encoders and/or the VAE from `model_dir` into this process (single machine)."""
-        from stepvideo.serving.interface import LocalCaption, LocalVae
+        from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
 
         if text:
             self.text_encoding = LocalCaption.from_model_dir(model_dir)
@@ -140,7 +137,7 @@ class StepVideoPipeline:
 
     @staticmethod
     def check_inputs(num_frames: int, width: int, height: int):
-        """The original's rounding (frames to x17, sizes to x16), with a warning when values change."""
+        """Frames rounded down to a multiple of 17, height and width to multiples of 16; warns when they change."""
         frames = max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1)
         w = max(width // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
         h = max(height // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, SPATIAL_COMPRESSION)
@@ -149,16 +146,6 @@ class StepVideoPipeline:
                         "down to a multiple of 17 and sizes to multiples of 16", num_frames, height, width,
                         frames, h, w)
         return frames, w, h
-
-    @staticmethod
-    def _prompts(prompt) -> List[str]:
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise ValueError(f"prompt[{i}] must be a string, got {type(p).__name__}")
-        return list(prompts)
 
     # ------------------------------------------------------------------ pieces
 
@@ -181,14 +168,12 @@ class StepVideoPipeline:
     def prepare_latents(self, shape: tuple, seed: Optional[int] = None,
                         generator: Optional[np.random.Generator] = None,
                         latents: Optional[np.ndarray] = None) -> np.ndarray:
-        """Initial noise (fp32 holding bf16 values, like the original's bf16 draw)."""
+        """Initial noise of `shape` (b, T, c, h, w), fp32 holding bf16 values; given `latents` (same b and c) win."""
         if latents is not None:
             latents = np.asarray(latents.asnumpy() if isinstance(latents, Tensor) else latents, np.float32)
-            b, _, c = shape[:3]
-            if latents.ndim != 5 or latents.shape[0] != b or latents.shape[2] != c:
-                raise ValueError(f"latents: expected shape ({b}, T, {c}, h, w), got {latents.shape}")
+            check_latent_shape(latents.shape, shape[2], batch=shape[0])
             if latents.shape != tuple(shape):
-                # As in the original, given latents define the video size.
+                # Given latents define the video size.
                 log.info("using the given latents of shape %s instead of %s from num_frames/height/width",
                          latents.shape, tuple(shape))
             return round_to_bf16(latents)
@@ -214,7 +199,7 @@ class StepVideoPipeline:
         "noise_pred" (guided) and "latents" (after the scheduler step).
         """
         # 1. Check everything before any model work.
-        prompts = self._prompts(prompt)
+        prompts = check_prompts(prompt, "prompt")
         height = _positive_int("height", height)
         width = _positive_int("width", width)
         num_frames = _positive_int("num_frames", num_frames)

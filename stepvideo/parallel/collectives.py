@@ -32,7 +32,7 @@ import numpy as np
 from mindspore import Tensor, communication, mint, ops
 from mindspore.mint import distributed as md
 
-from stepvideo import backend
+from stepvideo import backend, dtypes
 from stepvideo.parallel.mesh import Mesh
 
 
@@ -175,14 +175,15 @@ class Collectives:
 
 
 def _encode_header(tensors: Dict[str, Tensor]) -> bytes:
-    return json.dumps([[k, str(v.dtype), list(v.shape)] for k, v in tensors.items()]).encode()
+    return json.dumps([[k, dtypes.of_mindspore(v.dtype).name, list(v.shape)] for k, v in tensors.items()]).encode()
 
 
 def _decode_header(raw: Tensor) -> list:
     return json.loads(bytes(raw.asnumpy().astype(np.uint8)).decode())
 
 
-_DTYPES = {str(d): d for d in (ms.float32, ms.float16, ms.bfloat16, ms.int64, ms.int32, ms.uint8, ms.bool_)}
+# The element types a broadcast carries (names of `stepvideo.dtypes` rows).
+_SENT = ("float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool")
 
 
 def _to_wire(x: Tensor) -> Tensor:
@@ -191,16 +192,14 @@ def _to_wire(x: Tensor) -> Tensor:
 
 
 def _from_wire(buf: Tensor, dtype_name: str) -> Tensor:
-    return buf.astype(ms.bool_) if dtype_name == str(ms.bool_) else buf
+    return buf.astype(ms.bool_) if dtype_name == "bool" else buf
 
 
 def _empty(shape, dtype_name: str) -> Tensor:
     """A receive buffer in the wire dtype of `dtype_name`."""
-    if dtype_name not in _DTYPES:
-        raise TypeError(f"cannot transfer a tensor of dtype {dtype_name}; supported: {sorted(_DTYPES)}")
-    dtype = _DTYPES[dtype_name]
-    if dtype == ms.bool_:
-        dtype = ms.uint8
+    if dtype_name not in _SENT:
+        raise TypeError(f"cannot transfer a tensor of dtype {dtype_name}; supported: {sorted(_SENT)}")
+    dtype = ms.uint8 if dtype_name == "bool" else dtypes.mindspore_dtype(dtypes.BY_NAME[dtype_name])
     # bf16 buffers are made as fp32 zeros and cast: no bf16 `zeros` kernel on CPU
     return ops.zeros(tuple(shape), ms.float32).astype(dtype)
 

@@ -12,7 +12,7 @@ import numpy as np
 from mindspore import Tensor
 
 from stepvideo.parallel.collectives import Collectives
-from stepvideo.serving.interface import CaptionOutput, TextEncoding
+from stepvideo.diffusion.interfaces import CaptionOutput, TextEncoding
 
 
 class BroadcastTextEncoding(TextEncoding):

@@ -13,7 +13,7 @@ While a service is still loading its models it refuses connections; the client
 retries for up to `connect_wait` seconds, saying so, then fails with a message
 that names the service and the URL. Any error from the service (4xx: the request
 was wrong; 5xx: the model failed) raises `ServiceError` with the server's own
-message; the original client returned None and the pipeline failed later.
+message.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import httpx
 import numpy as np
 
 from stepvideo.serving import wire
-from stepvideo.serving.interface import CaptionOutput, TextEncoding, VideoDecoding, check_latents, check_prompts
+from stepvideo.contracts import check_latents, check_prompts
+from stepvideo.diffusion.interfaces import CaptionOutput, TextEncoding, VideoDecoding
 from stepvideo.serving.wire import CAPTION_PATH, DEFAULT_PORTS, HEALTH_PATH, TOKEN_ENV, VAE_PATH, check_token
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,7 @@ from stepvideo.serving import wire
 from stepvideo.serving.costs import CaptionCost, Estimate, OverBudget, VaeCost, check_budget
 
 if TYPE_CHECKING:  # the models come in built; importing them here would pull in MindSpore
-    from stepvideo.serving.interface import TextEncoding, VideoDecoding
+    from stepvideo.diffusion.interfaces import TextEncoding, VideoDecoding
 
 log = logging.getLogger(__name__)
 

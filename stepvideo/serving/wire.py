@@ -2,10 +2,9 @@
 
 Tensors travel as one safetensors payload (an 8-byte little-endian header
 length, a JSON header, then the raw little-endian tensor bytes), prompts as a
-JSON object. Nothing is ever unpickled: the original services unpickled request
-bodies from the network, so anyone who could reach the port could run code.
+JSON object. Nothing is ever unpickled (a pickle from the network could run code).
 
-Array representation (both directions, and in `stepvideo.serving.interface`):
+Array representation (both directions, and in `stepvideo.diffusion.interfaces`):
 numpy arrays; floating tensors are float32 in memory. A float32 array whose
 values are all bfloat16 values (what a bf16 model produces, widened exactly)
 travels as BF16 bits, which halves the bytes and loses nothing; every other
@@ -28,6 +27,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from stepvideo import dtypes
 from stepvideo.utils import safetensors_io as st
 
 BF16 = st.BF16
@@ -51,9 +51,8 @@ def check_token(token: str) -> str:
     return token
 
 
-# The safetensors dtypes the services exchange (a subset of what the format allows).
-_NP_DTYPES = {k: st.NUMPY_DTYPES[k] for k in ("F64", "F32", "F16", BF16, "I64", "I32", "U8", "BOOL")}
-_ST_DTYPES = {v: k for k, v in _NP_DTYPES.items() if k != BF16}
+# The element types the services exchange (a subset of what the format allows).
+_SENT = {dtypes.BY_NAME[n] for n in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool")}
 
 # Largest JSON header accepted from a peer: a few tensors need a few hundred bytes.
 MAX_HEADER_BYTES = 64 * 1024
@@ -75,49 +74,31 @@ def _is_bf16_exact(x: np.ndarray) -> bool:
     return not (head & 0xFFFF).any() and not (bits & 0xFFFF).any()
 
 
-def _contiguous(arr: np.ndarray) -> np.ndarray:
-    # Not np.ascontiguousarray: it turns 0-d arrays into 1-d ones.
-    return arr if arr.flags.c_contiguous else arr.copy(order="C")
-
-
 def _wire_form(name: str, arr) -> Tuple[np.ndarray, str]:
     """(contiguous little-endian array, safetensors dtype) for one tensor."""
     if not isinstance(arr, np.ndarray):
         raise WireError(f"tensor {name!r}: expected a numpy array, got {type(arr).__name__}")
-    if arr.dtype.name == "bfloat16":  # MindSpore's numpy bf16 (Tensor.asnumpy() of a bf16 tensor)
-        return _contiguous(arr).view(np.uint16), BF16
-    arr = _contiguous(arr)
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    if arr.dtype == np.float32 and arr.size and _is_bf16_exact(arr):
-        # The high halves of the float32 words are the bf16 bits (little-endian: odd uint16s).
-        return arr.reshape(-1).view(np.uint16)[1::2].copy().reshape(arr.shape), BF16
-    dtype = _ST_DTYPES.get(arr.dtype)
-    if dtype is None:
+    arr = st.contiguous(arr)
+    row = dtypes.of_array(arr)
+    if row is dtypes.BF16:  # MindSpore's numpy bf16 (Tensor.asnumpy() of a bf16 tensor): its bits
+        return arr.view(np.uint16), BF16
+    if row not in _SENT:
         raise WireError(f"tensor {name!r}: dtype {arr.dtype} cannot be sent; "
                         f"expected one of float32/float16/float64/int64/int32/uint8/bool or bfloat16")
-    return arr, dtype
+    arr = arr.astype(row.numpy, copy=False)  # little-endian
+    if row.name == "float32" and arr.size and _is_bf16_exact(arr):
+        # The high halves of the float32 words are the bf16 bits (little-endian: odd uint16s).
+        return arr.reshape(-1).view(np.uint16)[1::2].copy().reshape(arr.shape), BF16
+    return arr, row.safetensors
 
 
 def encode_parts(tensors: Mapping[str, np.ndarray]) -> Tuple[int, List[memoryview]]:
     """(total bytes, buffers) of the safetensors payload, without copying tensor data.
 
-    The layout is the one `safetensors_io.to_bytes` writes (names sorted, compact
-    JSON header padded with spaces to 8 bytes), so either side may use either.
+    The layout is `safetensors_io.encode_parts`' (names sorted, compact JSON header padded
+    with spaces to 8 bytes), which `safetensors_io.to_bytes` writes too.
     """
-    prepared = {name: _wire_form(name, arr) for name, arr in tensors.items()}
-    header: Dict[str, object] = {}
-    offset = 0
-    order = sorted(prepared)
-    for name in order:
-        arr, dtype = prepared[name]
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    parts = [memoryview(struct.pack("<Q", len(raw))), memoryview(raw)]
-    parts += [memoryview(prepared[name][0].reshape(-1)).cast("B") for name in order if prepared[name][0].nbytes]
-    return 8 + len(raw) + offset, parts
+    return st.encode_parts({name: _wire_form(name, arr) for name, arr in tensors.items()})
 
 
 def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
@@ -183,8 +164,9 @@ class TensorSpec:
                                 f"larger than the limit {top} ({want})")
 
 
-def _header(data, source: str) -> dict:
-    """The JSON header of a payload, checked for form only (no numpy arithmetic on peer numbers)."""
+def _header(data, source: str) -> Tuple[dict, int]:
+    """(JSON header without its metadata, byte where tensor data starts), checked for form only
+    (no numpy arithmetic on peer numbers)."""
     if len(data) < 8:
         raise WireError(f"{source}: {len(data)} bytes; a safetensors payload starts with an 8-byte header length")
     (n,) = struct.unpack_from("<Q", data, 0)
@@ -203,7 +185,7 @@ def _header(data, source: str) -> dict:
     for name, meta in header.items():
         if not isinstance(meta, dict):
             raise WireError(f"{source}: header entry {name!r} must be an object with dtype/shape/data_offsets")
-    return header
+    return header, 8 + n
 
 
 def decode(data, specs: Sequence[TensorSpec], *, max_elements: Optional[int] = None,
@@ -213,8 +195,9 @@ def decode(data, specs: Sequence[TensorSpec], *, max_elements: Optional[int] = N
     Exactly the names of `specs` must be present. `max_elements` bounds the sum
     of all tensors' element counts. Arrays are views of `data` when it is a
     writable buffer (a bytearray) and the data is aligned for its dtype, copies otherwise.
+    The header is parsed once.
     """
-    header = _header(data, source)
+    header, data_start = _header(data, source)
     expected = {s.name: s for s in specs}
     missing = sorted(set(expected) - set(header))
     unexpected = sorted(set(header) - set(expected))
@@ -231,20 +214,20 @@ def decode(data, specs: Sequence[TensorSpec], *, max_elements: Optional[int] = N
         total += count
     if max_elements is not None and total > max_elements:
         raise WireError(f"{source}: {total} elements in all, larger than the limit {max_elements}")
-    # Shapes are now bounded: the foundation parser can check offsets and sizes safely.
-    header_end = 8 + struct.unpack_from("<Q", data, 0)[0]
+    # Shapes are now bounded: the format's own checks of offsets and sizes are safe to run.
     try:
-        infos = st.parse_header(bytes(data[8:header_end]), len(data), source)
+        infos = st.check_header(header, data_start, len(data), source)
     except st.SafetensorsError as e:
         raise WireError(str(e)) from None
-    _check_contiguous(infos, header_end, len(data), source)
+    _check_contiguous(infos, data_start, len(data), source)
     writable = isinstance(data, bytearray)
     out = {}
     for name, info in infos.items():
         count = int(np.prod(info.shape, dtype=np.int64))
-        arr = np.frombuffer(data, dtype=_NP_DTYPES[info.dtype], count=count, offset=info.start).reshape(info.shape)
+        stored = dtypes.BY_SAFETENSORS[info.dtype].numpy
+        arr = np.frombuffer(data, dtype=stored, count=count, offset=info.start).reshape(info.shape)
         if info.dtype == BF16:
-            arr = st.bf16_bits_to_f32(arr)
+            arr = dtypes.bf16_bits_to_f32(arr)
         elif not writable or not arr.flags.aligned:
             # The format allows any header length, so data may start at an offset that is not a
             # multiple of the item size; MindSpore (and some numpy paths) need aligned memory.

@@ -23,9 +23,9 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from stepvideo import backend
+from stepvideo.contracts import check_prompts
 from stepvideo.text_encoder.clip import HunyuanClip
 from stepvideo.text_encoder.stepllm import STEP1TextEncoder
-from stepvideo.text_encoder.tokenizer import check_prompts
 
 LLM_MAX_LENGTH = 320
 CLIP_MAX_LENGTH = 77
@@ -64,9 +64,6 @@ class CaptionEncoder:
 
     def __call__(self, prompts: Union[str, Sequence[str]]) -> Dict[str, Tensor]:
         prompts = check_prompts(prompts)
-        if not prompts:
-            # Step-LLM would encode one empty row but CLIP none: refuse rather than return mismatched rows.
-            raise ValueError("prompts: expected at least one prompt, got an empty list")
         y, y_mask = self.text_encoder(prompts)
         clip_embedding, _ = self.clip(prompts)
         return pack_caption(y, y_mask, clip_embedding)

@@ -34,8 +34,8 @@ from mindspore import Tensor, nn, ops
 
 from stepvideo import backend
 from stepvideo.checkpoint import CheckpointError, load_weights, read_config, weight_map
+from stepvideo.contracts import check_prompts
 from stepvideo.layers import Embedding, LayerNorm, Linear
-from stepvideo.text_encoder.tokenizer import check_prompts
 from stepvideo.utils import safetensors_io as st
 
 log = logging.getLogger(__name__)
@@ -257,8 +257,6 @@ class HunyuanClip(nn.Cell):
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tuple[np.ndarray, np.ndarray]:
         """-> (input_ids, attention_mask), each (b, max_length) int64."""
         prompts = check_prompts(prompts)
-        if not prompts:
-            raise ValueError("prompts: expected at least one prompt, got an empty list")
         out = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              return_attention_mask=True, return_tensors="np")
         return out["input_ids"].astype(np.int64), out["attention_mask"].astype(np.int64)

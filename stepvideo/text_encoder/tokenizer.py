@@ -28,24 +28,14 @@ from typing import Dict, List, Sequence, Union
 
 import numpy as np
 
+from stepvideo.contracts import check_prompts
+
 CONTROL_TOKENS = ("<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>", "<|THINK_END|>")
 MASK_TOKENS = ("<|MASK_1e69f|>", "<|UNMASK_1e69f|>")
 
 
 class TokenizerError(ValueError):
     """A tokenizer model file lacks a token the Step-1 chat format needs."""
-
-
-def check_prompts(text: Union[str, Sequence[str]]) -> List[str]:
-    """A prompt or a list/tuple of prompts as a list of str; TypeError naming a non-str entry."""
-    if isinstance(text, str):
-        return [text]
-    if not isinstance(text, (list, tuple)):
-        raise TypeError(f"prompts must be a str or a list of str, got {type(text).__name__}")
-    for i, part in enumerate(text):
-        if not isinstance(part, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(part).__name__}")
-    return list(text)
 
 
 class StepChatTokenizer:
@@ -156,7 +146,8 @@ class Wrapped_StepChatTokenizer(StepChatTokenizer):
             raise ValueError(f"truncation={truncation!r}: only True is supported (as in the original)")
         if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 (room for BOS and EOS), got {max_length!r}")
-        prompts = check_prompts(text) or [""]  # an empty batch encodes like one empty prompt
+        empty_batch = isinstance(text, (list, tuple)) and not text
+        prompts = [""] if empty_batch else check_prompts(text)  # an empty batch encodes like one empty prompt
 
         ids = np.full((len(prompts), max_length), self.PAD, dtype=np.int64)
         mask = np.zeros((len(prompts), max_length), dtype=np.int64)

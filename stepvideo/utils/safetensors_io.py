@@ -1,16 +1,16 @@
-"""Reading and writing the safetensors format with numpy only.
+"""The safetensors format: the pinned `safetensors` library where it serves, numpy where it cannot.
 
-Why our own reader: loading must stream tensor by tensor into freshly allocated
-arrays (no memory map, whose touched pages count against the process until the
-file is closed), must read bfloat16 without `ml_dtypes`, and must reject damaged
-files with a message that names the file and the tensor. The format is simple:
-8 bytes little-endian header length, a JSON header, then the raw tensor bytes.
+- Files are written by the library (`save_file`); buffers and small files are parsed by it
+  (`from_bytes`, `load_file`).
+- Checkpoints are read by `SafetensorsFile`, by hand: loading streams tensor by tensor into freshly
+  allocated arrays and must read bfloat16 without torch or `ml_dtypes`; the library's numpy reader
+  has no bfloat16, and its reader names neither the file nor the tensor when a file is damaged.
+- In-memory payloads are laid out by hand (`encode_parts`) so a large one (a decoded video) is sent
+  from the arrays' own memory in pieces; the library's `serialize` returns one copy of all of it.
 
-The same code serialises tensors to bytes for the HTTP services, so the wire
-format is exactly a safetensors file: no pickle anywhere.
-
-bfloat16 is represented in numpy as ``uint16`` bit patterns (see `BF16`), and
-converted to float32 exactly by shifting into the high half of a uint32.
+The format: 8 bytes little-endian header length, a JSON header (name -> dtype, shape,
+data_offsets), then the raw little-endian tensor bytes. bfloat16 is held as uint16 bit
+patterns (`stepvideo.dtypes`).
 """
 from __future__ import annotations
 
@@ -22,27 +22,15 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
+import safetensors
 
-# numpy has no bfloat16; bf16 tensors travel as their uint16 bit patterns.
-BF16 = "BF16"
+from stepvideo import dtypes
+from stepvideo.dtypes import bf16_bits_to_f32, f32_to_bf16_bits  # noqa: F401  (callers' one import)
 
-# safetensors dtype string -> numpy dtype of the stored bytes (bf16 as uint16 bits).
-NUMPY_DTYPES = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    BF16: np.dtype("<u2"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-}
-SAFETENSORS_DTYPES = {v: k for k, v in NUMPY_DTYPES.items() if k != BF16}
+BF16 = dtypes.BF16.safetensors
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -66,33 +54,25 @@ class TensorInfo:
         return self.end - self.start
 
 
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    """Exact bfloat16 -> float32: the bf16 bits are the high half of the float32."""
-    out = np.empty(bits.shape, dtype=np.uint32)
-    np.left_shift(bits, 16, out=out, dtype=np.uint32)
-    return out.view(np.float32)
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns, rounding to nearest even (as torch does)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounding = ((u >> 16) & 1) + np.uint32(0x7FFF)
-    out = ((u + rounding) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = 0x7FC0
-    return out
-
-
 def parse_header(raw: bytes, total_size: int, source: str) -> Dict[str, TensorInfo]:
-    """Validate a header (the JSON after the 8 length bytes) against the data size."""
+    """Parse and check a header (the JSON after the 8 length bytes) against the data size."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsError(f"{source}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{source}: header must be a JSON object")
-    data_start = 8 + len(raw)
+    return check_header(header, 8 + len(raw), total_size, source)
+
+
+def check_header(header: Mapping[str, object], data_start: int, total_size: int,
+                 source: str) -> Dict[str, TensorInfo]:
+    """Where each tensor of a parsed header lives, after checking dtype, shape and offsets.
+
+    data_start: the byte where tensor data begins (8 + header length); total_size: the
+    file's or buffer's size. Offsets must lie in the data section and span exactly the
+    bytes the shape and dtype need.
+    """
     data_size = total_size - data_start
     infos: Dict[str, TensorInfo] = {}
     for name, meta in header.items():
@@ -101,17 +81,17 @@ def parse_header(raw: bytes, total_size: int, source: str) -> Dict[str, TensorIn
         if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
             raise SafetensorsError(f"{source}: entry {name!r} lacks dtype/shape/data_offsets")
         dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
-        if dtype not in NUMPY_DTYPES:
+        if dtype not in dtypes.BY_SAFETENSORS:
             raise SafetensorsError(
                 f"{source}: tensor {name!r} has unsupported dtype {dtype!r}; "
-                f"expected one of {sorted(NUMPY_DTYPES)}")
+                f"expected one of {sorted(dtypes.BY_SAFETENSORS)}")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)):
             raise SafetensorsError(f"{source}: tensor {name!r} has invalid shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) for o in offsets)):
             raise SafetensorsError(f"{source}: tensor {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
-        expected = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize  # Python ints: no overflow
+        expected = math.prod(shape) * dtypes.BY_SAFETENSORS[dtype].itemsize  # Python ints: no overflow
         if not 0 <= begin <= end <= data_size or end - begin != expected:
             raise SafetensorsError(
                 f"{source}: tensor {name!r} (dtype {dtype}, shape {shape}) needs {expected} bytes "
@@ -134,7 +114,8 @@ def _read_header_from(fh: BinaryIO, total_size: int, source: str) -> Dict[str, T
 
 
 class SafetensorsFile:
-    """A safetensors file opened for streaming reads, one tensor at a time."""
+    """A safetensors file opened for streaming reads, one tensor at a time (by hand: see the module docstring)."""
+
 
     def __init__(self, path: os.PathLike | str):
         self.path = os.fspath(path)
@@ -161,7 +142,7 @@ class SafetensorsFile:
     def read_raw(self, name: str) -> np.ndarray:
         """The tensor as stored: bf16 comes back as uint16 bit patterns."""
         info = self.tensors[name]
-        arr = np.empty(info.shape, dtype=NUMPY_DTYPES[info.dtype])
+        arr = np.empty(info.shape, dtype=dtypes.BY_SAFETENSORS[info.dtype].numpy)
         self._fh.seek(info.start)
         got = self._fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
         if got != info.nbytes:
@@ -182,51 +163,55 @@ class SafetensorsFile:
         return arr
 
 
-def _layout(tensors: Mapping[str, Tuple[np.ndarray, str]], metadata: Optional[Mapping[str, str]]):
+def _normalise(tensors: Mapping[str, np.ndarray], bf16: Iterable[str]) -> Dict[str, Tuple[np.ndarray, str]]:
+    """{name: (C-contiguous little-endian array, safetensors dtype)}; names in `bf16` as bfloat16 bits."""
+    bf16 = set(bf16)
+    out = {}
+    for name, arr in tensors.items():
+        arr = contiguous(np.asarray(arr))
+        if name in bf16:
+            bits = arr if arr.dtype == np.uint16 else f32_to_bf16_bits(arr)
+            out[name] = (bits, BF16)
+            continue
+        row = dtypes.of_array(arr)
+        if row is None:
+            raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
+        out[name] = (arr.astype(row.numpy, copy=False), row.safetensors)
+    return out
+
+
+def contiguous(arr: np.ndarray) -> np.ndarray:
+    """`arr` C-contiguous (not np.ascontiguousarray: it turns 0-d arrays into 1-d ones)."""
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def encode_parts(prepared: Mapping[str, Tuple[np.ndarray, str]],
+                 metadata: Optional[Mapping[str, str]] = None) -> Tuple[int, List[memoryview]]:
+    """(total bytes, buffers) of a safetensors payload, without copying tensor data.
+
+    prepared: {name: (C-contiguous little-endian array, safetensors dtype)}. Tensors are laid
+    out in name order after a compact JSON header padded with spaces to 8 bytes.
+    """
     header: Dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    order = sorted(tensors)
+    order = sorted(prepared)
     for name in order:
-        arr, dt = tensors[name]
-        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        arr, dtype = prepared[name]
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as the reference writer does
-    return raw, order
+    raw += b" " * (-len(raw) % 8)
+    parts = [memoryview(struct.pack("<Q", len(raw))), memoryview(raw)]
+    parts += [memoryview(prepared[name][0].reshape(-1)).cast("B") for name in order if prepared[name][0].nbytes]
+    return 8 + len(raw) + offset, parts
 
 
-def _normalise(tensors: Mapping[str, np.ndarray], bf16: Iterable[str]) -> Dict[str, Tuple[np.ndarray, str]]:
-    bf16 = set(bf16)
-    out = {}
-    for name, arr in tensors.items():
-        arr = np.asarray(arr)
-        if not arr.flags.c_contiguous:
-            arr = arr.copy(order="C")  # (np.ascontiguousarray would turn 0-d arrays into 1-d)
-        if name in bf16:
-            bits = arr if arr.dtype == np.uint16 else f32_to_bf16_bits(arr)
-            out[name] = (bits, BF16)
-        else:
-            dt = SAFETENSORS_DTYPES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
-            if dt is None:
-                raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
-            out[name] = (arr.astype(arr.dtype.newbyteorder("<"), copy=False), dt)
-    return out
-
-
-def write_stream(fh: BinaryIO, tensors: Mapping[str, np.ndarray], *, bf16: Iterable[str] = (),
-                 metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write `tensors` in safetensors format; names in `bf16` are stored as bfloat16.
-
-    A bf16 tensor may be given as float32 (rounded to nearest even) or as uint16 bits.
-    """
-    prepared = _normalise(tensors, bf16)
-    raw, order = _layout(prepared, metadata)
-    fh.write(struct.pack("<Q", len(raw)))
-    fh.write(raw)
-    for name in order:
-        fh.write(prepared[name][0].tobytes())
+def to_bytes(tensors: Mapping[str, np.ndarray], *, bf16: Iterable[str] = (),
+             metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    """`tensors` as one safetensors buffer; names in `bf16` stored as bfloat16 (float32 rounded, or uint16 bits)."""
+    return b"".join(encode_parts(_normalise(tensors, bf16), metadata)[1])
 
 
 def new_file_mode() -> int:
@@ -250,21 +235,20 @@ def fsync_file(path: os.PathLike | str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: os.PathLike | str) -> Iterator[BinaryIO]:
-    """A binary file that appears at `path` complete or not at all.
+def atomic_path(path: os.PathLike | str, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary path to write a file to, which then appears at `path` complete or not at all.
 
-    Written to a uniquely named temporary file beside `path` (two writers never share
-    one), flushed and fsynced, then renamed over `path`; on any error it is removed.
+    The temporary file is uniquely named beside `path` (two writers never share one); after
+    the block it is fsynced and renamed over `path`; on any error it is removed.
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=folder)
     try:
         os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+        os.close(fd)
+        yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -273,46 +257,50 @@ def atomic_output(path: os.PathLike | str) -> Iterator[BinaryIO]:
 
 def save_file(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], *, bf16: Iterable[str] = (),
               metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write a safetensors file atomically (`atomic_output`)."""
-    with atomic_output(path) as fh:
-        write_stream(fh, tensors, bf16=bf16, metadata=metadata)
+    """Write a safetensors file with the library, atomically (`atomic_path`).
 
-
-def to_bytes(tensors: Mapping[str, np.ndarray], *, bf16: Iterable[str] = (),
-             metadata: Optional[Mapping[str, str]] = None) -> bytes:
-    buf = io.BytesIO()
-    write_stream(buf, tensors, bf16=bf16, metadata=metadata)
-    return buf.getvalue()
+    Names in `bf16` are stored as bfloat16: given as float32 (rounded to nearest even) or as uint16 bits.
+    """
+    prepared = _normalise(tensors, bf16)  # holds the arrays alive while the library reads their memory
+    specs = {name: safetensors.TensorSpec(dtype=dtypes.BY_SAFETENSORS[code].name, shape=arr.shape,
+                                          data_ptr=arr.ctypes.data, data_len=arr.nbytes)
+             for name, (arr, code) in prepared.items()}
+    with atomic_path(path) as tmp:
+        safetensors.serialize_file(specs, tmp, metadata=dict(metadata) if metadata else None)
 
 
 def header_from_bytes(data: bytes, source: str = "payload") -> Dict[str, TensorInfo]:
-    """Validate the header of an in-memory safetensors buffer without touching tensor data."""
-    fh = io.BytesIO(data)
-    return _read_header_from(fh, len(data), source)
+    """Check the header of an in-memory safetensors buffer without touching tensor data."""
+    return _read_header_from(io.BytesIO(data), len(data), source)
 
 
 def from_bytes(data: bytes, source: str = "payload") -> Dict[str, Tuple[np.ndarray, str]]:
-    """Parse an in-memory safetensors buffer: name -> (array as stored, safetensors dtype).
+    """Parse an in-memory safetensors buffer with the library: name -> (array as stored, safetensors dtype).
 
     bf16 tensors come back as uint16 bit patterns together with the dtype "BF16",
     so a caller can keep them exact or widen them with `bf16_bits_to_f32`.
     """
-    infos = header_from_bytes(data, source)
+    try:
+        entries = safetensors.deserialize(bytes(data))
+    except safetensors.SafetensorError as e:
+        raise SafetensorsError(f"{source}: {e}") from None
     out = {}
-    for name, info in infos.items():
-        arr = np.frombuffer(data, dtype=NUMPY_DTYPES[info.dtype], count=math.prod(info.shape),
-                            offset=info.start).reshape(info.shape).copy()
-        out[name] = (arr, info.dtype)
+    for name, entry in entries:
+        row = dtypes.BY_SAFETENSORS.get(entry["dtype"])
+        if row is None:
+            raise SafetensorsError(f"{source}: tensor {name!r} has unsupported dtype {entry['dtype']!r}; "
+                                   f"expected one of {sorted(dtypes.BY_SAFETENSORS)}")
+        out[name] = (np.frombuffer(entry["data"], dtype=row.numpy).reshape(entry["shape"]), entry["dtype"])
     return out
 
 
-def iter_file(path: os.PathLike | str, names: Optional[Iterable[str]] = None) -> Iterator[Tuple[str, np.ndarray]]:
-    """Yield (name, array) for a file, bf16 widened to float32; only `names` if given."""
-    with SafetensorsFile(path) as f:
-        for name in (list(names) if names is not None else sorted(f.keys())):
-            yield name, f.read(name)
-
-
 def load_file(path: os.PathLike | str) -> Dict[str, np.ndarray]:
-    """All tensors of a file (small files only; bf16 widened to float32)."""
-    return dict(iter_file(path))
+    """All tensors of a small file, parsed by the library; bf16 widened to float32.
+
+    The whole file is read at once: checkpoints are read tensor by tensor with `SafetensorsFile`.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return {name: bf16_bits_to_f32(arr) if dtype == BF16 else arr
+            for name, (arr, dtype) in from_bytes(data, path).items()}

@@ -1,17 +1,13 @@
-"""Decoded video -> uint8 frames -> mp4, as the original post-processes it.
+"""Decoded video -> uint8 frames -> mp4.
 
-Faithful parts: clamp to [-1, 1], (x + 1) * 127.5, truncate to uint8, the batch
-stacked along the height, a centre crop to the 540p standard (540x960 landscape,
-960x540 portrait), 25 fps libx264 with the original's `atadenoise` filter.
+Clamp to [-1, 1], (x + 1) * 127.5, truncate to uint8, the batch stacked along the
+height, a centre crop to the 540p standard (540x960 landscape, 960x540 portrait) when
+the frame is at least that large, 25 fps libx264 with the `atadenoise` filter.
 
-Deliberate differences (documented for users):
-- the crop only applies when the frame is at least as large as the standard
-  (the original sliced with negative indices on smaller frames);
-- the file is written to a temporary name and renamed, so a crash never leaves
-  a half-written mp4 under the final name;
-- the name derived from the prompt is sanitised (no path separators or control
-  characters, bounded length) and made unique, instead of embedding the
-  prompt and a timestamp with spaces and colons verbatim.
+The file is written to a temporary name and renamed, so a crash never leaves a
+half-written mp4 under the final name; its name is derived from the prompt, sanitised
+(no path separators or control characters, bounded length) and made unique.
+How this compares with the original: docs/porting.md.
 """
 from __future__ import annotations
 
@@ -19,13 +15,12 @@ import datetime
 import os
 import re
 import subprocess
-import tempfile
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 
-from stepvideo.utils.safetensors_io import fsync_file, new_file_mode
+from stepvideo.utils.safetensors_io import atomic_path
 
 FPS = 25
 CODEC = "libx264"
@@ -99,23 +94,13 @@ def write_mp4(frames: np.ndarray, path: os.PathLike | str, fps: int = FPS) -> Pa
     n, h, w, _ = frames.shape
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name (two jobs writing the same video never share a temporary); ffmpeg
-    # overwrites it (-y) and it is fsynced before the rename.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
-    os.fchmod(fd, new_file_mode())
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    # A unique temporary (two jobs writing the same video never share one) that ffmpeg overwrites (-y).
+    with atomic_path(path, suffix=f".partial{path.suffix}") as tmp:
         done = _run_ffmpeg(["-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
                             "-r", str(fps), "-i", "-", "-an", "-vcodec", CODEC, "-pix_fmt", "yuv420p", "-crf", CRF,
-                            "-v", "error", *FFMPEG_PARAMS, str(tmp)], stdin=frames.tobytes())
+                            "-v", "error", *FFMPEG_PARAMS, tmp], stdin=frames.tobytes())
         if done.returncode != 0:
             raise RuntimeError(f"ffmpeg could not write {path}: {done.stderr.decode(errors='replace').strip()}")
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -10,7 +10,7 @@ padding at its start; the decoded chunks are written into one output buffer and
 each boundary is then blended (`mix`). Only one chunk's activations exist at a
 time.
 
-All tensors inside the networks are (b, c, t, h, w). The math, as in the original:
+All tensors inside the networks are (b, c, t, h, w). The math:
 - "causal" 3-D convolutions pad time with zero frames at the front only (k - 1
   frames for a kernel of k; the resnet blocks insert those two zero frames after
   norm + SiLU, which is the same thing) and space symmetrically;
@@ -24,18 +24,7 @@ All tensors inside the networks are (b, c, t, h, w). The math, as in the origina
 - the temporal up-sampling resblock adds its input twice (before and after the
   final SiLU).
 
-Differences from the original, none of which changes a number:
-- The original's `CausalConvChannelLast` differs from `CausalConv` only in memory
-  layout, so `CausalConv` stands for both; `CausalConvAfterNorm` keeps its meaning
-  (its input already carries the zero frames, inserted right after norm + SiLU).
-- Only version 2 (the one the official code uses) is implemented.
-- `is_init` is always true in the original's encode/decode paths and is not a
-  parameter here; `world_size` chunk distribution is not implemented (the
-  official server uses one process).
-- Posterior noise comes from a numpy generator (or an explicit array) instead of
-  torch's global RNG, so it is reproducible across devices.
-- Widths, level counts and the GroupNorm group count come from `VaeConfig`, whose
-  defaults are the published v2 values, so that a tiny VAE can be built for tests.
+Where this differs from the original (none of it changes a number): docs/porting.md.
 """
 from __future__ import annotations
 
@@ -50,6 +39,7 @@ from mindspore import Tensor, nn, ops
 
 from stepvideo import backend
 from stepvideo.checkpoint import CheckpointError, load_weights, read_config
+from stepvideo.contracts import check_latent_shape
 from stepvideo.layers import Conv3d, lazy_parameter
 
 CHECKPOINT_FILE = "vae_v2.safetensors"
@@ -688,9 +678,7 @@ class AutoencoderKL(nn.Cell):
     # ------------------------------------------------------------------ decode
 
     def _check_latents(self, z: Tensor) -> None:
-        if z.ndim != 5 or z.shape[2] != self.z_channels:
-            raise ValueError(f"AutoencoderKL.decode: z must be (b, T, {self.z_channels}, h, w), "
-                             f"got shape {tuple(z.shape)}")
+        check_latent_shape(z.shape, self.z_channels, "AutoencoderKL.decode: z")
 
     def decode_naive(self, z: Tensor) -> Tensor:
         """One chunk: (b, T, z, h, w) -> (b, c_out, 8T - 7, 16h, 16w)."""

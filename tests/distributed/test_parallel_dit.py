@@ -174,7 +174,7 @@ def test_sp2_pp2_parity_memory_traffic_idle(model_dir, workdir, single):
     from stepvideo.checkpoint import read_config
     from stepvideo.config import NEG_MAGIC, POS_MAGIC
     from stepvideo.parallel.pipeline import step_traffic
-    from stepvideo.serving.interface import LocalCaption
+    from stepvideo.diffusion.interfaces import LocalCaption
 
     stats_dir = workdir / "stats_sp2pp2"
     job, latents = run_layout(model_dir, workdir, "sp2pp2", "A", 4, "--ulysses_degree", "2", "--pp_degree", "2",
@@ -227,7 +227,7 @@ def test_a_raising_rank_ends_the_job_fast_with_its_error(model_dir, workdir):
         import os, sys
         sys.path.insert(0, {str(ROOT)!r})
         from stepvideo.modules.model import StepVideoModel
-        from stepvideo.parallel import runner
+        from stepvideo import job
 
         block_forward = StepVideoModel.block_forward
 
@@ -237,7 +237,7 @@ def test_a_raising_rank_ends_the_job_fast_with_its_error(model_dir, workdir):
             return block_forward(self, *args, **kwargs)
 
         StepVideoModel.block_forward = failing
-        sys.exit(runner.main())
+        sys.exit(job.main())
     """))
     job = run_msrun(driver, run_args(model_dir, "A", workdir / "never.safetensors", "--ulysses_degree", "1",
                                      "--pp_degree", "2"), 2, workdir, timeout=120)

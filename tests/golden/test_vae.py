@@ -14,7 +14,7 @@ from mindspore import Tensor
 
 from stepvideo.checkpoint import named_parameters
 from stepvideo.utils import safetensors_io as st
-from stepvideo.utils.synthetic_weights import rule_kind, rule_seed, rule_weights
+from synthetic_weights import rule_kind, rule_seed, rule_weights
 from stepvideo.vae.vae import CHECKPOINT_FILE, AutoencoderKL, DiagonalGaussianDistribution
 from support import assert_parity, golden, load
 

@@ -109,7 +109,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """step_llm/ and hunyuan_clip/ from the golden fixtures, vae/ a tiny rule-weight VAE."""
     from stepvideo.checkpoint import named_parameters
     from stepvideo.utils import safetensors_io as st
-    from stepvideo.utils.synthetic_weights import rule_weights
+    from synthetic_weights import rule_weights
     from stepvideo.vae.vae import CHECKPOINT_FILE, AutoencoderKL, VaeConfig
 
     root = tmp_path_factory.mktemp("tiny-model")

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from stepvideo.serving import wire
-from stepvideo.serving.interface import CaptionOutput, TextEncoding, VideoDecoding
+from stepvideo.diffusion.interfaces import CaptionOutput, TextEncoding, VideoDecoding
 from stepvideo.serving.server import create_app
 
 

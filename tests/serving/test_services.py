@@ -26,7 +26,7 @@ import pytest
 from conftest import SERVER, free_port, ipv6_loopback
 from stepvideo.serving import wire
 from stepvideo.serving.client import RemoteCaption, RemoteVae, ServiceError
-from stepvideo.serving.interface import LocalCaption, LocalVae
+from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
 from support import assert_parity, cases, load
 
 TOKEN = "serving-tests-token-7f3a"

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py --quick: every sub-command runs as a subprocess and prints one well-formed Markdown table
+"""scripts/benchmark --quick: every sub-command runs as a subprocess and prints one well-formed Markdown table
 (header line, table, note); --append writes exactly the printed section; the FLOP formulas are the written ones."""
 import os
 import re
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "benchmark.py"
+SCRIPT = ROOT / "scripts" / "benchmark"  # a package run as a program (its __main__.py)
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
@@ -54,7 +54,7 @@ def tables(text):
 @pytest.mark.parametrize("command", ["dit", "vae", "text", "step", "comm", "load"])
 def test_quick_mode_prints_a_table(command, tmp_path):
     out = run(command, "--quick", cwd=tmp_path)
-    assert re.search(rf"`benchmark.py {command} --quick` on \d{{4}}-\d\d-\d\d: .*MindSpore 2\.7\.2, load average",
+    assert re.search(rf"`benchmark {command} --quick` on \d{{4}}-\d\d-\d\d: .*MindSpore 2\.7\.2, load average",
                      out), out
     first = tables(out)[0]
     column, numeric = EXPECTED[command]

@@ -10,7 +10,7 @@ from stepvideo.config import NEG_MAGIC, POS_MAGIC, parse_args
 from stepvideo.modules.model import StepVideoModel
 from stepvideo.parallel.mesh import Mesh, check_layout, possible_layouts
 from stepvideo.parallel.pipeline import plan_stages, step_traffic
-from stepvideo.parallel.runner import StartupError, check_startup
+from stepvideo.job import StartupError, check_startup
 from stepvideo.parallel.ulysses import SequenceSplit
 
 TINY = {"num_attention_heads": 6, "attention_head_dim": 128, "in_channels": 8, "out_channels": 8, "num_layers": 7,

@@ -7,8 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from stepvideo.utils import synthetic_weights
-from stepvideo.utils.synthetic_weights import rule_kind, rule_seed, rule_tensor, rule_weights
+import synthetic_weights
+from synthetic_weights import rule_kind, rule_seed, rule_tensor, rule_weights
 from support import golden
 
 MANIFEST = json.loads((golden("vae") / "weights_manifest.json").read_text())

@@ -1,4 +1,4 @@
-"""PyTorch checkpoint reader/writer without torch (stepvideo/utils/torch_format.py).
+"""PyTorch checkpoint reader (stepvideo/utils/torch_format.py) and writer (scripts/torch_checkpoint_writer.py), without torch.
 
 The fixture .bin files in golden/convert were written by real `torch.save`.
 """
@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 
+import torch_checkpoint_writer as writer
 from stepvideo.utils import safetensors_io as st
 from stepvideo.utils import torch_format as tf
 from support import golden
@@ -77,7 +78,7 @@ def test_round_trip_all_dtypes(tmp_path):
     }
     bf16 = ["bf16_from_f32", "bf16_bits"]
     path = tmp_path / "pytorch_model.bin"
-    tf.save_state_dict(path, tensors, bf16=bf16)
+    writer.save_state_dict(path, tensors, bf16=bf16)
     with tf.TorchCheckpoint(path) as ckpt:
         assert list(ckpt.keys()) == list(tensors)  # order preserved
         for name, arr in tensors.items():
@@ -120,7 +121,7 @@ def test_writer_reproduces_torch_save_byte_for_byte(tmp_path, name):
         tensors = dict(ckpt.items())
         bf16 = [k for k, r in ckpt.tensors.items() if r.dtype == "bfloat16"]
     out = tmp_path / f"{name}.bin"
-    tf.save_state_dict(out, tensors, bf16=bf16)
+    writer.save_state_dict(out, tensors, bf16=bf16)
     ours, theirs = out.read_bytes(), source.read_bytes()
     with zipfile.ZipFile(out) as a, zipfile.ZipFile(source) as b:
         layout = lambda z: [(i.filename, i.header_offset, i.file_size, i.compress_type) for i in z.infolist()]
@@ -133,7 +134,7 @@ def test_writer_reproduces_torch_save_byte_for_byte(tmp_path, name):
 def test_writer_layout_matches_fixture_archives(tmp_path):
     """Member names and order as torch.save writes them; every record's data 64-byte aligned."""
     path = tmp_path / "tiny.bin"
-    tf.save_state_dict(path, {"a": np.ones((2, 2), np.float32), "b": np.zeros(3, np.float16)})
+    writer.save_state_dict(path, {"a": np.ones((2, 2), np.float32), "b": np.zeros(3, np.float16)})
     with zipfile.ZipFile(path) as ours, zipfile.ZipFile(CONVERT / "clip_mixed.bin") as fixture:
         strip = lambda z: [i.filename.split("/", 1)[1] for i in z.infolist() if "/data/" not in i.filename]
         assert strip(ours) == strip(fixture)
@@ -151,7 +152,7 @@ def test_writer_layout_matches_fixture_archives(tmp_path):
 
 def test_writer_rejects_unsupported_dtype(tmp_path):
     with pytest.raises(tf.TorchFormatError, match="'c'.*complex"):
-        tf.save_state_dict(tmp_path / "x.bin", {"c": np.zeros(2, np.complex64)})
+        writer.save_state_dict(tmp_path / "x.bin", {"c": np.zeros(2, np.complex64)})
     assert not os.listdir(tmp_path)
 
 
@@ -229,7 +230,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def _one_tensor_pickle(tmp_path):
     """data.pkl of a real writer output holding one (2, 3) float32 tensor in storage '0'."""
-    tf.save_state_dict(tmp_path / "one.bin", {"w": np.zeros((2, 3), np.float32)})
+    writer.save_state_dict(tmp_path / "one.bin", {"w": np.zeros((2, 3), np.float32)})
     with zipfile.ZipFile(tmp_path / "one.bin") as z:
         return z.read("one/data.pkl")
 

@@ -8,7 +8,7 @@ from mindspore import Tensor
 
 from stepvideo.checkpoint import CheckpointError, named_parameters
 from stepvideo.utils import safetensors_io as st
-from stepvideo.utils.synthetic_weights import rule_weights
+from synthetic_weights import rule_weights
 from stepvideo.vae.vae import CHECKPOINT_FILE, AutoencoderKL, DiagonalGaussianDistribution, VaeConfig
 from support import assert_parity
 

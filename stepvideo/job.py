@@ -147,7 +147,7 @@ def _encoders(args, text_encoder, video_decoder):
     """The caption encoder and the VAE of rank 0: given, in-process (--local_models) or remote."""
     need_vae = args.output_type != "latent"
     if args.local_models:
-        from stepvideo.serving.interface import LocalCaption, LocalVae
+        from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
 
         text_encoder = text_encoder or LocalCaption.from_model_dir(args.model_dir)
         if need_vae:

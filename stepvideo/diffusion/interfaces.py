@@ -21,11 +21,13 @@ import abc
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import Sequence, Union
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor
+
+from stepvideo.contracts import check_latents, check_prompts
 
 
 @dataclass(frozen=True)
@@ -59,29 +61,6 @@ class VideoDecoding(abc.ABC):
     @abc.abstractmethod
     def decode(self, latents: np.ndarray) -> np.ndarray:
         ...
-
-
-def check_prompts(prompts: Sequence[str]) -> List[str]:
-    """A non-empty list of strings, or ValueError naming the bad entry."""
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.200}")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"prompts[{i}] must be a string, got {type(p).__name__}")
-    return list(prompts)
-
-
-def check_latents(latents, channels: int = 64) -> np.ndarray:
-    """Latents as a float32 (b, T, channels, h, w) array, or ValueError saying what was expected."""
-    arr = latents.astype(ms.float32).asnumpy() if isinstance(latents, Tensor) else np.asarray(latents)
-    if arr.dtype.name == "bfloat16":  # MindSpore's numpy bf16: widen exactly
-        arr = Tensor(arr).astype(ms.float32).asnumpy()
-    if arr.ndim != 5 or arr.shape[2] != channels or min(arr.shape) < 1:
-        raise ValueError(f"latents must have shape (b, T, {channels}, h, w) with every size >= 1, "
-                         f"got {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"latents must be floating point, got {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def to_numpy(x, what: str) -> np.ndarray:
@@ -142,7 +121,6 @@ class LocalVae(VideoDecoding):
         return self.vae.z_channels
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        # The original service divided by a scale factor of 1.0 and cast to the VAE's
-        # dtype; the VAE casts each chunk itself, so the latents go in as they are.
+        # The VAE casts each chunk to its own dtype, so the latents go in as they are.
         z = check_latents(latents, self.z_channels)
         return to_numpy(self.vae.decode(Tensor.from_numpy(z)), "video").astype(np.float32, copy=False)

@@ -1,0 +1,23 @@
+"""Speed and memory of the Step-Video port, measured on this machine; tables in Markdown.
+
+    python scripts/benchmark dit   [--quick] [--append docs/performance.md]
+    python scripts/benchmark vae | text | step | comm | load   [--quick] [--append FILE]
+    python scripts/benchmark ascend [--append FILE]     (the paper projection for Ascend 910B)
+
+One module per measurement (dit, vae, text, step, load, comm), each with `run(args) -> str`;
+the FLOP model in `flops`, the timing and table helpers in `measure`, the Ascend projection
+in `ascend`; `load_probe.py` and `comm_worker.py` are the programs the load and comm
+measurements start in fresh processes. Weights come from the golden fixtures' generation
+rule (`scripts/synthetic_weights.py`).
+
+Every sub-command prints one Markdown table (plus a header line saying what was run,
+on which machine and under what load) and, with --append, appends exactly that text
+to the given file. --quick uses small sizes and few repeats (CI: well under a minute).
+
+Timing: a median of N runs after warm-up. Each model run is paired with one run of a
+reference GEMM (2048x1024 @ 1024x4096, fp32) right before it, so the "fraction of the
+GEMM rate" compares like with like even when other processes share the two cores.
+FLOPs are counted from the shapes (a multiply-add is 2 FLOPs); see `flops.dit_flops`.
+"""
+from benchmark.ascend import AscendAssumptions, ascend_projection  # noqa: F401
+from benchmark.flops import DitShape, block_flops, dit_flops, published_config  # noqa: F401

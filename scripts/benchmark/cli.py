@@ -1,0 +1,41 @@
+"""The `benchmark` command line: one sub-command per measurement module."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import benchmark
+from benchmark import ascend, comm, dit, load, step, text, vae
+from benchmark.measure import machine_line
+
+COMMANDS = {"dit": dit.run, "vae": vae.run, "text": text.run, "step": step.run, "comm": comm.run, "load": load.run,
+            "ascend": ascend.run}
+
+
+def main(argv=None) -> int:
+    """Run one measurement, print its section, append it to --append FILE; 0 on success."""
+    p = argparse.ArgumentParser(prog="benchmark", description=benchmark.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=sorted(COMMANDS))
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
+    p.add_argument("--modes", nargs="+", default=["pynative", "jit"], choices=["pynative", "jit"],
+                   help="DiT execution modes to measure (dit)")
+    p.add_argument("--profile", action="store_true", help="dit: add a per-op-type profile of the compiled forward")
+    p.add_argument("--graph-kernel", action="store_true",
+                   help="dit: also fuse element-wise ops in the compiled graphs (AKG; needs `decorator`)")
+    p.add_argument("--append", metavar="FILE", help="append the printed section to this Markdown file")
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    shown = [a for i, a in enumerate(argv) if a != "--append" and (i == 0 or argv[i - 1] != "--append")]
+    append = Path(args.append).resolve() if args.append else None
+    header = machine_line(" ".join(shown))
+    body = COMMANDS[args.command](args)
+    section = f"\n{header}\n\n{body}\n"
+    print(section)
+    if append:
+        with open(append, "a") as f:
+            f.write(section)
+    return 0
+
