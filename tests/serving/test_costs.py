@@ -99,6 +99,7 @@ print(json.dumps({"growth": peak - before, "estimate": est.bytes - weights}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 1, 64, 16, 16), (1, 3, 64, 8, 8)])
 def test_cpu_estimate_bounds_a_measured_tiny_decode(shape):
     """The estimate (minus the already-loaded weights) is at least the measured RSS growth, and not 2x over."""
