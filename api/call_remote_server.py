@@ -89,7 +89,7 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("request limits")
     group.add_argument("--max_memory_gb", type=float, default=None,
                        help="refuse (413) a request whose estimated memory (weights + activations + output, "
-                            "stepvideo/serving/costs.py) exceeds this many GB (default: 24 on Ascend, a quarter of "
+                            "stepvideo/serving/costs.py) exceeds this many GB (default: 24 on Ascend, an eighth of "
                             "the RAM up to 24 on CPU)")
     group.add_argument("--body_timeout", type=float, default=Limits.body_timeout_s,
                        help="seconds a request body may take to arrive (408 after)")

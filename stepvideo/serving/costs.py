@@ -215,8 +215,9 @@ def physical_memory_bytes() -> int:
 
 
 def default_memory_limit_gb(device: str) -> float:
-    """24 GB on an accelerator (the decode target of docs/vae_memory.md); on CPU a quarter of the
-    machine's RAM, at most 24 GB: a CPU service shares its host with everything else."""
+    """24 GB on an accelerator (the decode target of docs/vae_memory.md); on CPU an eighth of the
+    machine's RAM, at most 24 GB: a CPU service (demos, development) shares its host with everything
+    else, and no real video decodes on CPU anyway (docs/vae_memory.md)."""
     if device.lower() == "cpu":
-        return min(24.0, math.floor(physical_memory_bytes() / 4 / GB * 10) / 10)
+        return min(24.0, math.floor(physical_memory_bytes() / 8 / GB * 10) / 10)
     return 24.0
