@@ -211,3 +211,20 @@ def test_sigterm_exits_within_the_grace_period_even_if_the_job_runs_on(start_ser
     assert code == 1 and seconds < 4
     assert "the grace period of 1 s is over and the vae job still runs; exiting without it" in proc.log()
     assert isinstance(results["running"], ServiceError)
+
+
+def test_unpadded_safetensors_bodies_decode_like_padded_ones(limited):
+    """The format allows any header length: data at offsets 1..7 past alignment gives the same video."""
+    import struct
+
+    _, url = limited
+    good = wire.encode({"samples": latents(SMALL, seed=4)})
+    (n,) = struct.unpack_from("<Q", good)
+    with httpx.Client(timeout=60) as http:
+        want = http.post(url + "/vae-api", content=good, headers={"content-type": wire.MEDIA_TYPE})
+        assert want.status_code == 200
+        for extra in range(1, 8):
+            raw = good[8:8 + n].rstrip(b" ") + b" " * extra
+            body = struct.pack("<Q", len(raw)) + raw + good[8 + n:]
+            r = http.post(url + "/vae-api", content=body, headers={"content-type": wire.MEDIA_TYPE})
+            assert r.status_code == 200 and r.content == want.content, (extra, r.status_code, r.text[:200])
