@@ -301,6 +301,8 @@ async def _run_for_client(worker: "_ModelWorker", request: Request, what: str, f
             log.info("dropped a queued %s job: its client disconnected", what)
         else:
             log.info("the client of the running %s job disconnected; the job finishes", what)
+            # Nobody awaits it any more: take its outcome so asyncio does not report it as lost.
+            result.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise ApiError(400, "the client disconnected")  # nobody reads it
     if result.cancelled():
         raise ApiError(503, "the service is shutting down; the request was dropped before it ran",
