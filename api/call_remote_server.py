@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"shared secret clients must send (default: env {wire.TOKEN_ENV}; none: no check)")
     parser.add_argument("--max_body_mb", type=float, default=DEFAULT_MAX_BODY_MB,
                         help="largest request body accepted, in MiB")
+    parser.add_argument("--offload", choices=("none", "blocks"), default="none",
+                        help="blocks: stream Step-LLM's layers from the memory-mapped checkpoint instead of holding "
+                             "them (memory: embeddings + 2 layers instead of 48; same numbers, each request then "
+                             "reads the layers again)")
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     add_limit_arguments(parser)
     args = parser.parse_args(argv)
@@ -156,7 +160,8 @@ def main(argv=None) -> int:
     info = backend.init(device_id=args.device_id)
     started = time.perf_counter()
     try:
-        caption = LocalCaption.from_model_dir(args.model_dir) if args.enable_llm else None
+        caption = (LocalCaption.from_model_dir(args.model_dir, offload=args.offload == "blocks")
+                   if args.enable_llm else None)
         vae = LocalVae.from_model_dir(args.model_dir) if args.enable_vae else None
     except (OSError, ValueError) as e:  # missing or damaged files (CheckpointError is a ValueError)
         print(f"error: cannot load the models from {args.model_dir}: {e}", file=sys.stderr)

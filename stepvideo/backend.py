@@ -250,3 +250,16 @@ def _flash_attention(q, k, v, mask, causal, scale):
         drop = tri_drop if drop is None else ops.logical_or(drop, tri_drop)
     return ops.flash_attention_score(q, k, v, heads, attn_mask=drop, scalar_value=scale,
                                      input_layout="BSND")
+
+
+# --------------------------------------------------------------------------- weight streaming
+
+
+def weight_copy_stream():
+    """The stream that copies streamed block weights host -> device (`stepvideo/streaming.py`).
+
+    Ascend: a separate `mindspore.runtime.Stream`, so the next block's copy overlaps this
+    block's compute (untested here: no NPU). CPU: None, the parameters live in host memory
+    and a "copy" is a write into their buffers.
+    """
+    return ms.runtime.Stream() if on_ascend() else None

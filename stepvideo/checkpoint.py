@@ -13,12 +13,20 @@ in one `CheckpointError`. Renames exist only where the reference itself remaps
 Memory: each tensor is read into a fresh numpy array, converted to the
 parameter's dtype and handed to the parameter without a further copy, so the
 peak is the loaded weights plus one tensor in flight.
+
+Streaming (`--offload blocks`, see stepvideo/streaming.py) reads the
+blocks through `MappedCheckpoint` instead: the shards are memory-mapped
+read-only, so their pages live in the kernel's page cache, shared by every
+process on the machine that maps the same files, and a tensor's pages are
+handed back (`release`) once it has been copied where it is used.
+`check_host_memory` refuses a load that cannot fit before anything is read.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import logging
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +35,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
+import psutil
 from mindspore import Tensor, nn
 
 from stepvideo import dtypes
@@ -95,6 +104,15 @@ def _shard_name(name, index: Path) -> str:
     return name
 
 
+def numpy_dtype(dtype: ms.dtype) -> np.dtype:
+    """The numpy dtype a parameter of `dtype` holds its values in (bf16: MindSpore's numpy bfloat16)."""
+    try:
+        row = dtypes.of_mindspore(dtype)
+    except TypeError:
+        raise CheckpointError(f"cannot load into a parameter of dtype {dtype}") from None
+    return dtypes.mindspore_bf16(np.zeros(0, np.uint16)).dtype if row is dtypes.BF16 else row.numpy
+
+
 def _to_parameter_tensor(arr: np.ndarray, stored: str, dtype: ms.dtype) -> Tensor:
     """Convert one stored tensor to `dtype` with at most one copy."""
     if stored == st.BF16 and dtype == ms.bfloat16:
@@ -142,6 +160,8 @@ def load_weights(net: nn.Cell, path: os.PathLike | str, *, key_filter: Optional[
         seen.add(name)
         wanted.setdefault(file, []).append((key, name))
     missing = sorted(expected - seen)
+    check_host_memory(sum(int(np.prod(params[n].shape)) * np.dtype(numpy_dtype(params[n].dtype)).itemsize
+                          for n in seen), f"loading {path} into {type(net).__name__}")
 
     wrong_shape = []
     opened: Dict[Path, st.SafetensorsFile] = {}
@@ -179,6 +199,104 @@ def load_weights(net: nn.Cell, path: os.PathLike | str, *, key_filter: Optional[
         for f in opened.values():
             f.close()
     return LoadReport(tensors=count, bytes=total, seconds=time.perf_counter() - t0)
+
+
+# Files a user may have instead of safetensors: none of them has raw tensor bytes at known offsets.
+_UNMAPPABLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".gguf")
+
+
+class MappedCheckpoint:
+    """The tensors of a checkpoint's safetensors files, memory-mapped read-only.
+
+        mapped = MappedCheckpoint(folder, keys)        # maps the shards holding `keys`
+        stored, dtype = mapped.view(key)                # numpy view of the file bytes (bf16: uint16 bits)
+        ...copy or convert `stored` where it is used...
+        mapped.release(key)                             # its pages leave this process's RSS
+
+    The pages of a read-only file mapping are the page cache's: every process that maps
+    the same shard shares one copy, and after `release` (madvise DONTNEED) they count for
+    no process while staying cached for the next read.
+    """
+
+    def __init__(self, path: os.PathLike | str, keys: Iterable[str]):
+        self.path = Path(path)
+        files = _mappable_weight_map(self.path)
+        keys = list(keys)
+        absent = sorted(k for k in keys if k not in files)
+        if absent:
+            raise CheckpointError(f"checkpoint {path}: missing keys ({len(absent)}): {absent}")
+        self.tensors: Dict[str, st.TensorInfo] = {}
+        self._file_of: Dict[str, Path] = {}
+        self._maps: Dict[Path, mmap.mmap] = {}
+        try:
+            for file in sorted({files[k] for k in keys}):
+                with st.SafetensorsFile(file) as f:
+                    header = f.tensors
+                for k in keys:
+                    if files[k] == file:
+                        if k not in header:
+                            raise CheckpointError(f"{file}: tensor {k!r} is listed in the index but absent")
+                        self.tensors[k] = header[k]
+                        self._file_of[k] = file
+                with open(file, "rb") as fh:
+                    try:
+                        self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    except (OSError, ValueError) as e:
+                        raise CheckpointError(f"{file}: cannot be memory-mapped ({e}); streaming needs the "
+                                              "checkpoint on a local file system") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def view(self, key: str) -> Tuple[np.ndarray, str]:
+        """(the stored bytes of `key` as a read-only numpy array, its safetensors dtype); no copy."""
+        info = self.tensors[key]
+        arr = np.frombuffer(self._maps[self._file_of[key]], dtype=dtypes.BY_SAFETENSORS[info.dtype].numpy,
+                            count=int(np.prod(info.shape)), offset=info.start)
+        return arr.reshape(info.shape), info.dtype
+
+    def release(self, key: str) -> None:
+        """Drop the pages of `key` from this process's resident set (they stay in the page cache).
+
+        Whole pages are dropped, also ones shared with a neighbouring tensor: a later read of
+        the neighbour simply maps them again, from the cache.
+        """
+        info = self.tensors[key]
+        start = info.start - info.start % mmap.PAGESIZE
+        self._maps[self._file_of[key]].madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+
+def _mappable_weight_map(path: Path) -> Dict[str, Path]:
+    """`weight_map`, with an error that says why streaming cannot use other formats."""
+    if path.is_dir() and not _index_files(path) and not list(path.glob("*.safetensors")):
+        others = sorted(p.name for p in path.iterdir() if p.suffix in _UNMAPPABLE_SUFFIXES)
+        if others:
+            raise CheckpointError(
+                f"{path}: {others} cannot be memory-mapped for streaming (--offload); streaming needs "
+                "safetensors files (raw tensor bytes at offsets the header gives), e.g. the published "
+                "*.safetensors shards + index")
+    return weight_map(path)
+
+
+def check_host_memory(needed: int, what: str, available: Optional[int] = None) -> None:
+    """Refuse, before loading, a load whose resident bytes exceed the host's available memory.
+
+    available: defaults to MemAvailable (free memory plus reclaimable page cache). Processes
+    that start together each see the same figure, so several ranks on one machine are each
+    checked against all of it.
+    """
+    available = psutil.virtual_memory().available if available is None else available
+    if needed > available:
+        raise CheckpointError(f"{what} needs {needed / 2**30:.2f} GiB of host memory, but only "
+                              f"{available / 2**30:.2f} GiB is available")
 
 
 def save_sharded(tensors: Mapping[str, np.ndarray], folder: os.PathLike | str, prefix: str,

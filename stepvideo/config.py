@@ -4,7 +4,7 @@ Kept from the original (stepvideo/config.py): --model_dir --vae_url --caption_ur
 --ulysses_degree --prompt --infer_steps --cfg_scale --time_shift --num_frames
 --height --width --seed --save_path --name_suffix --num_videos --pos_magic
 --neg_magic. Added: --pp_degree and --layer_split (pipeline stages), --local_models,
---output_type, --latents_out, --device, --eager, --stats_dir.
+--output_type, --latents_out, --device, --eager, --stats_dir, --offload.
 
 Not kept: --ring_degree and --tensor_parallel_degree (not implemented here: a
 value other than 1 would silently do something else), and the original's
@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "one compile per block at the first step, then 2.4x faster on CPU)")
     parallel.add_argument("--stats_dir", type=str, default=None,
                           help="each rank writes rank<r>.json here: weights loaded, memory, idle time, traffic")
+
+    memory = parser.add_argument_group("memory")
+    memory.add_argument("--offload", choices=("none", "blocks"), default="none",
+                        help="blocks: keep each rank's DiT blocks (and, with --local_models, Step-LLM's layers) in "
+                             "the memory-mapped checkpoint and bring each one in just before it runs, the next one "
+                             "while the current one computes; memory for the other weights + 2 blocks, same "
+                             "numbers. Needs safetensors checkpoints")
     return parser
 
 

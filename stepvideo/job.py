@@ -108,8 +108,20 @@ def run(args: argparse.Namespace, text_encoder=None, video_decoder=None):
         mesh = Mesh(rank=joined.rank, world_size=joined.world_size, ulysses_degree=args.ulysses_degree,
                     pp_degree=args.pp_degree)
         collectives = make_collectives(mesh)
-        transformer = DistributedDiT.from_pretrained(model_dir / "transformer", mesh, collectives, args.layer_split)
+        transformer = DistributedDiT.from_pretrained(model_dir / "transformer", mesh, collectives, args.layer_split,
+                                                     offload=args.offload == "blocks")
         rank = mesh.rank
+    elif args.offload == "blocks":
+        from stepvideo.streaming import dit_streaming
+
+        collectives = None
+        transformer = StepVideoModel.from_config_dict(read_config(model_dir / "transformer"))
+        report, streamer = dit_streaming(transformer, model_dir / "transformer", range(transformer.config.num_layers))
+        transformer.set_train(False)
+        log.info("DiT: %d resident tensors (%.1f MiB) loaded in %.1fs; %d blocks streamed from the mapped shards "
+                 "(%.1f MiB, 2 slots of %.1f MiB)", report.tensors, report.bytes / 2**20, report.seconds,
+                 len(streamer.order), streamer.mapped.nbytes() / 2**20, streamer.slot_bytes() / 2**20)
+        rank = 0
     else:
         collectives = None
         transformer = StepVideoModel.from_pretrained(model_dir / "transformer")
@@ -152,7 +164,7 @@ def _encoders(args, text_encoder, video_decoder):
     if args.local_models:
         from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
 
-        text_encoder = text_encoder or LocalCaption.from_model_dir(args.model_dir)
+        text_encoder = text_encoder or LocalCaption.from_model_dir(args.model_dir, offload=args.offload == "blocks")
         if need_vae:
             video_decoder = video_decoder or LocalVae.from_model_dir(args.model_dir)
     else:
@@ -173,6 +185,7 @@ def _write_stats(folder: Path, dit, seconds_per_step: float) -> None:
         "ulysses_degree": mesh.ulysses_degree, "pp_degree": mesh.pp_degree,
         "blocks": [plan.blocks.start, plan.blocks.stop], "first": plan.first, "last": plan.last,
         "holds": plan.describe(), "load": dit.load_report, "timing": dit.timing.as_dict(),
+        "streaming": dit.streamer.stats.as_dict() if dit.streamer else None,
         "seconds_per_step": seconds_per_step,
         "traffic_last_step": {op: {"calls": s.calls, "bytes": s.bytes, "seconds": s.seconds}
                               for op, s in dit.last_traffic.items()},

@@ -84,10 +84,11 @@ class LocalCaption(TextEncoding):
         self.encoder = encoder
 
     @classmethod
-    def from_model_dir(cls, model_dir: Union[str, os.PathLike]) -> "LocalCaption":
+    def from_model_dir(cls, model_dir: Union[str, os.PathLike], offload: bool = False) -> "LocalCaption":
+        """offload: stream Step-LLM's layers from the mapped checkpoint (memory: embeddings + 2 layers)."""
         from stepvideo.text_encoder.caption import CaptionEncoder
 
-        return cls(CaptionEncoder(model_dir))
+        return cls(CaptionEncoder(model_dir, offload=offload))
 
     def encode(self, prompts: Sequence[str]) -> CaptionOutput:
         prompts = check_prompts(prompts)

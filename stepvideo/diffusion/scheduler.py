@@ -8,8 +8,7 @@ A step is one Euler update `x + v * (sigma[k+1] - sigma[k])` in float32.
 
 The schedule is computed in numpy float32 with the reference's rounding, so
 sigmas and timesteps are bit-identical to torch's (see `_linspace_f32`).
-Configured from `scheduler/scheduler_config.json` through mindone's ConfigMixin,
-like the original through diffusers'.
+Configured from `scheduler/scheduler_config.json` through mindone's diffusers `ConfigMixin`.
 """
 from __future__ import annotations
 

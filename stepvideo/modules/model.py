@@ -16,7 +16,10 @@ outside without this file knowing about ranks:
 
 Tokens, the RoPE grid (n, 3) and the cross-attention mask rows can all be
 sliced along the token axis by the caller; `SelfAttention.core_attention` is
-the per-block hook for an all-to-all attention.
+the per-block hook for an all-to-all attention. `block_hook(i)` is a context
+entered around block i that gives the cell computing it (default: block i
+itself); weight streaming (stepvideo/streaming.py) puts block i's weights in
+place there and gives the cell whose parameters hold them.
 
 Speed: `model.set_jit(True)` compiles the embeddings, each block's compute
 around that hook and the output layer (one compile per input shape; same
@@ -42,6 +45,7 @@ Differences from the original, none of which changes a number:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -128,6 +132,7 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         self.caption_channel = caption_channel
         self.caption_norm = LayerNorm(caption_channel, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.caption_projection = PixArtAlphaTextProjection(in_features=caption_channel, hidden_size=self.inner_dim)
+        self.block_hook = self.resident_block  # (block index) -> context giving its cell; see the module docstring
         self.set_jit(False)
 
     @property
@@ -232,9 +237,14 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
             # The RoPE tables depend only on the positions: make them once for all blocks.
             rope = self.transformer_blocks[blocks.start].attn1.rope_tables(rope_grid, hidden_states.dtype)
         for i in blocks:
-            hidden_states = self.transformer_blocks[i](hidden_states, encoder_hidden_states, timestep=timestep,
-                                                       attn_mask=attn_mask, rope_grid=rope)
+            with self.block_hook(i) as block:
+                hidden_states = block(hidden_states, encoder_hidden_states, timestep=timestep, attn_mask=attn_mask,
+                                      rope_grid=rope)
         return hidden_states
+
+    def resident_block(self, index: int) -> contextlib.AbstractContextManager:
+        """The default `block_hook`: block `index` computes itself."""
+        return contextlib.nullcontext(self.transformer_blocks[index])
 
     def set_jit(self, enabled: bool) -> "StepVideoModel":
         """Run the input embeddings, each block's compute (see `StepVideoTransformerBlock.set_jit`) and the

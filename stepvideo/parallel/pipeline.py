@@ -50,6 +50,7 @@ from stepvideo.modules.model import Embedded, StepVideoModel
 from stepvideo.parallel import ulysses
 from stepvideo.parallel.collectives import Collectives, OpStats
 from stepvideo.parallel.mesh import Mesh, split_layers
+from stepvideo.streaming import dit_streaming
 from stepvideo.parallel.ulysses import SequenceSplit
 
 log = logging.getLogger(__name__)
@@ -156,24 +157,38 @@ class DistributedDiT:
         self.timing = Timing()
         self.last_traffic: Dict[str, OpStats] = {}  # collectives of the latest call
         self.load_report: Dict[str, float] = {}
+        self.streamer = None  # the BlockStreamer with --offload blocks
         self._split: Optional[SequenceSplit] = None
 
     @classmethod
     def from_pretrained(cls, folder: os.PathLike | str, mesh: Mesh, collectives: Collectives,
-                        layer_split: Optional[Sequence[int]] = None) -> "DistributedDiT":
-        """Build the model lazily and load only this rank's stage from the `transformer/` folder."""
+                        layer_split: Optional[Sequence[int]] = None, offload: bool = False) -> "DistributedDiT":
+        """Build the model lazily and load only this rank's stage from the `transformer/` folder.
+
+        offload: stream the stage's blocks from the mapped shards (`streaming.dit_streaming`): only
+        the embeddings / output layer stay loaded, plus two block slots.
+        """
         config = read_config(folder)
         plan = plan_stages(config["num_layers"], mesh.pp_degree, layer_split)[mesh.stage]
         model = StepVideoModel.from_config_dict(config)
         rss_before = _resident_bytes()
-        report = load_weights(model, folder, key_filter=plan.owns)
+        streamer = None
+        if offload:
+            report, streamer = dit_streaming(model, folder, plan.blocks, key_filter=plan.owns,
+                                             what=f"rank {mesh.rank} ({plan.describe()})")
+        else:
+            report = load_weights(model, folder, key_filter=plan.owns)
         model.set_train(False)
         dit = cls(model, mesh, collectives, plan)
+        dit.streamer = streamer
         dit.load_report = {"tensors": report.tensors, "bytes": report.bytes, "seconds": report.seconds,
-                           "rss_growth": _resident_bytes() - rss_before}
-        log.info("rank %d (stage %d of %d, sp rank %d of %d) holds %s: %d tensors, %.1f MiB, loaded in %.1fs",
+                           "rss_growth": _resident_bytes() - rss_before,
+                           "streamed_bytes": streamer.mapped.nbytes() if streamer else 0}
+        log.info("rank %d (stage %d of %d, sp rank %d of %d) holds %s: %d tensors, %.1f MiB, loaded in %.1fs%s",
                  mesh.rank, mesh.stage, mesh.pp_degree, mesh.sp_rank, mesh.ulysses_degree, plan.describe(),
-                 report.tensors, report.bytes / 2**20, report.seconds)
+                 report.tensors, report.bytes / 2**20, report.seconds,
+                 f"; blocks streamed from the mapped shards ({streamer.mapped.nbytes() / 2**20:.1f} MiB, "
+                 f"2 slots of {streamer.slot_bytes() / 2**20:.1f} MiB)" if streamer else "")
         return dit
 
     def set_jit(self, enabled: bool) -> "DistributedDiT":

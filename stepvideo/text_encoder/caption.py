@@ -58,8 +58,10 @@ class CaptionEncoder:
     """Step-LLM + HunyuanCLIP from a Step-Video model folder; prompts -> the packed caption."""
 
     def __init__(self, model_dir: Union[str, os.PathLike], llm_dir: str = "step_llm",
-                 clip_dir: str = "hunyuan_clip"):
-        self.text_encoder = STEP1TextEncoder(os.path.join(model_dir, llm_dir), max_length=LLM_MAX_LENGTH)
+                 clip_dir: str = "hunyuan_clip", offload: bool = False):
+        """offload: stream Step-LLM's layers (`STEP1TextEncoder`); CLIP (~1.3 GB) stays loaded."""
+        self.text_encoder = STEP1TextEncoder(os.path.join(model_dir, llm_dir), max_length=LLM_MAX_LENGTH,
+                                             offload=offload)
         self.clip = HunyuanClip(os.path.join(model_dir, clip_dir), max_length=CLIP_MAX_LENGTH)
 
     def __call__(self, prompts: Union[str, Sequence[str]]) -> Dict[str, Tensor]:

@@ -32,6 +32,8 @@ of silently ignored.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from typing import Optional, Sequence, Union
@@ -45,6 +47,8 @@ from stepvideo.layers import Embedding, Linear, RMSNorm
 from stepvideo.text_encoder.tokenizer import Wrapped_StepChatTokenizer
 
 TOKENIZER_FILE = "step1_chat_tokenizer.model"
+
+log = logging.getLogger(__name__)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -143,6 +147,12 @@ class Transformer(nn.Cell):
         super().__init__()
         self.num_heads = block_kwargs["num_heads"]
         self.layers = nn.CellList([TransformerBlock(**block_kwargs) for _ in range(num_layers)])
+        # (layer index) -> context around that layer giving the cell that computes it (default: the layer);
+        # weight streaming puts the layer's weights in place there.
+        self.layer_hook = self.resident_layer
+
+    def resident_layer(self, index: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext(self.layers[index])
 
     def alibi(self, seq_len: int) -> Tensor:
         """The attention bias every layer shares for a sequence of `seq_len` tokens."""
@@ -151,8 +161,9 @@ class Transformer(nn.Cell):
     def construct(self, hidden_states: Tensor) -> Tensor:
         """(b, s, hidden) -> (b, s, hidden)."""
         alibi = self.alibi(hidden_states.shape[1])
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, alibi)
+        for i in range(len(self.layers)):
+            with self.layer_hook(i) as cell:
+                hidden_states = cell(hidden_states, alibi)
         return hidden_states
 
 
@@ -188,6 +199,26 @@ class Step1Model(nn.Cell, PretrainedMixin):
                                        num_groups=num_attention_groups, ffn_hidden_size=ffn_hidden_size,
                                        eps=layernorm_epsilon)
 
+    @classmethod
+    def from_pretrained_streaming(cls, folder: Union[str, os.PathLike]) -> "Step1Model":
+        """The model from `folder` with its decoder layers streamed from the mapped checkpoint
+        (`stepvideo.streaming`; the embeddings stay loaded). `model.streamer` is the BlockStreamer."""
+        from stepvideo.checkpoint import read_config
+        from stepvideo.streaming import load_streaming
+
+        model = cls.from_config_dict(read_config(folder))
+        layers = range(len(model.transformer.layers))
+        report, streamer = load_streaming(model, folder, {i: f"transformer.layers.{i}." for i in layers},
+                                          {i: model.transformer.layers[i] for i in layers},
+                                          what=f"Step-LLM ({folder})")
+        model.transformer.layer_hook = streamer.block
+        model.streamer = streamer
+        model.set_train(False)
+        log.info("Step1Model: %d resident tensors (%.1f MiB) loaded from %s in %.2fs; %d layers streamed "
+                 "(%.1f MiB per layer slot)", report.tensors, report.bytes / 2**20, folder, report.seconds,
+                 len(layers), streamer.slot_bytes() / 2**20)
+        return model
+
     def construct(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """input_ids (b, s) int64 -> hidden states (b, s, hidden) of the last layer.
 
@@ -201,11 +232,16 @@ class Step1Model(nn.Cell, PretrainedMixin):
 class STEP1TextEncoder(nn.Cell):
     """Prompts -> (y (b, max_length, hidden) in the compute dtype, y_mask (b, max_length) int64)."""
 
-    def __init__(self, model_dir: Union[str, os.PathLike], max_length: int = 320):
+    def __init__(self, model_dir: Union[str, os.PathLike], max_length: int = 320, offload: bool = False):
+        """offload: stream the decoder layers from the mapped checkpoint (stepvideo/streaming.py)
+        instead of holding them: memory for the embeddings + 2 layers, same numbers."""
         super().__init__()
         self.max_length = max_length
         self.text_tokenizer = Wrapped_StepChatTokenizer(os.path.join(model_dir, TOKENIZER_FILE))
-        self.text_encoder = Step1Model.from_pretrained(model_dir)
+        if offload:
+            self.text_encoder = Step1Model.from_pretrained_streaming(model_dir)
+        else:
+            self.text_encoder = Step1Model.from_pretrained(model_dir)
         if self.text_tokenizer.vocab_size > self.text_encoder.padded_vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {self.text_tokenizer.vocab_size} pieces but the "
                              f"model only {self.text_encoder.padded_vocab_size} embedding rows")
