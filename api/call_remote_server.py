@@ -1,11 +1,18 @@
 """The caption service (Step-LLM + CLIP) and/or the VAE service, over HTTP.
 
-    python api/call_remote_server.py --model_dir DIR --enable_llm True --enable_vae False   # caption, port 5000
-    python api/call_remote_server.py --model_dir DIR --enable_llm False --enable_vae True   # VAE, port 5001
-    python api/call_remote_server.py --model_dir DIR                                         # both, port 5000
+    python api/call_remote_server.py --model_dir DIR --enable_llm True    # caption only, port 5000
+    python api/call_remote_server.py --model_dir DIR --enable_vae True    # VAE only, port 5001
+    python api/call_remote_server.py --model_dir DIR                      # both, port 5000 (one process)
 
-Once the models are loaded and the port is listening it prints one line per
-service, e.g. `caption_url: http://127.0.0.1:5000`; pass those to the DiT job as
+Only the flags named count: a flag given alone decides both models (`--enable_vae
+True` alone serves only the VAE, `--enable_llm False` alone serves only the VAE);
+both flags given are taken as they are (both True: both models, with a warning
+about memory); no flag serves both, as the original's one-process mode.
+
+The port is taken and listening before any model loads, so a second service on
+the same port fails at once; while the models load, GET /health answers 503
+{"status": "loading", ...}. Once they are loaded it prints one line per service,
+e.g. `caption_url: http://127.0.0.1:5000`; pass those to the DiT job as
 --caption_url / --vae_url. Endpoints and wire format: `stepvideo/serving/server.py`.
 
 Unlike the original (which bound 0.0.0.0 and unpickled request bodies, so anyone
@@ -21,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 try:
     import stepvideo  # noqa: F401
@@ -42,14 +50,29 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+def served_models(enable_llm: Optional[bool], enable_vae: Optional[bool]) -> Tuple[bool, bool]:
+    """(caption, vae) to serve from the flags as given (None: not named on the command line).
+
+    A flag named alone decides for both: `--enable_vae True` means "the VAE service",
+    not "the VAE too", which is how the published two-process commands read.
+    """
+    if enable_llm is None and enable_vae is None:
+        return True, True
+    if enable_vae is None:
+        return enable_llm, not enable_llm
+    if enable_llm is None:
+        return not enable_vae, enable_vae
+    return enable_llm, enable_vae
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Step-Video caption / VAE services",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="the model folder (step_llm/, hunyuan_clip/, vae/)")
-    parser.add_argument("--enable_llm", type=str2bool, default=True, metavar="True|False",
-                        help="serve the caption model (Step-LLM + CLIP) at /caption-api")
-    parser.add_argument("--enable_vae", type=str2bool, default=True, metavar="True|False",
-                        help="serve the VAE at /vae-api")
+    parser.add_argument("--enable_llm", type=str2bool, default=None, metavar="True|False",
+                        help="serve the caption model (Step-LLM + CLIP) at /caption-api (alone: only it)")
+    parser.add_argument("--enable_vae", type=str2bool, default=None, metavar="True|False",
+                        help="serve the VAE at /vae-api (alone: only it; neither flag: both models)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; anything but loopback should come with --token")
     parser.add_argument("--port", type=int, default=None,
@@ -68,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_limit_arguments(parser)
     args = parser.parse_args(argv)
     check_limit_arguments(parser, args)
+    # Both named True is a deliberate request for one process with both models: warn about memory.
+    args.warn_memory = args.enable_llm is True and args.enable_vae is True
+    args.enable_llm, args.enable_vae = served_models(args.enable_llm, args.enable_vae)
     if not (args.enable_llm or args.enable_vae):
         parser.error("nothing to serve: --enable_llm and --enable_vae are both False")
     if args.port is None:
@@ -139,21 +165,8 @@ def limits_and_costs(args: argparse.Namespace, caption, vae, info):
     return limits, costs
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from stepvideo.serving import server
-
-    if not server.is_loopback(args.host) and not args.token:
-        print(f"WARNING: binding {args.host} without a token: anyone who can reach this port can use the "
-              f"services. Set --token or {wire.TOKEN_ENV}.", file=sys.stderr, flush=True)
-    try:
-        sock = server.bind_socket(args.host, args.port)  # fail now, not after minutes of loading
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
+def load_models(args: argparse.Namespace):
+    """(caption or None, vae or None, backend info), or None after printing why the models cannot load."""
     from stepvideo import backend  # MindSpore: imported only once the port is ours
     from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
 
@@ -165,8 +178,39 @@ def main(argv=None) -> int:
         vae = LocalVae.from_model_dir(args.model_dir) if args.enable_vae else None
     except (OSError, ValueError) as e:  # missing or damaged files (CheckpointError is a ValueError)
         print(f"error: cannot load the models from {args.model_dir}: {e}", file=sys.stderr)
-        return 1
+        return None
     log.info("models loaded in %.1f s on %s", time.perf_counter() - started, info.device)
+    return caption, vae, info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from stepvideo.serving import server
+
+    if not server.is_loopback(args.host) and not args.token:
+        print(f"WARNING: binding {args.host} without a token: anyone who can reach this port can use the "
+              f"services. Set --token or {wire.TOKEN_ENV}.", file=sys.stderr, flush=True)
+    if args.warn_memory:
+        log.warning("serving both the caption model (Step-LLM + CLIP) and the VAE in this process: Step-LLM's "
+                    "weights and a VAE decode's peak (about 18 GB for 544x992x204 in bf16, docs/vae_memory.md) "
+                    "must fit in one device's memory together; if they do not, run two services, "
+                    "--enable_llm True and --enable_vae True, on two devices")
+    try:
+        sock = server.bind_socket(args.host, args.port)  # listening now: a taken port fails before any loading
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    models = {"caption": args.enable_llm, "vae": args.enable_vae}
+    responder = server.LoadingResponder(sock, models, max_body_bytes=int(args.max_body_mb * 2**20)).start()
+    log.info("listening on %s; loading %s", server.url_for(sock), " and ".join(m for m, on in models.items() if on))
+
+    loaded = load_models(args)
+    responder.stop()  # the socket keeps listening; uvicorn answers the queued connections
+    if loaded is None:
+        return 1
+    caption, vae, info = loaded
 
     limits, costs = limits_and_costs(args, caption, vae, info)
     app = server.create_app(caption, vae, token=args.token, limits=limits, device=info.device,

@@ -30,12 +30,12 @@ mkdir -p "$LOG_DIR"
 device_env=()
 [ "$DEVICE" != "auto" ] && device_env=(STEPVIDEO_DEVICE="$DEVICE")
 
-start() {  # name enable_llm enable_vae port visible_devices
-  local name=$1 llm=$2 vae=$3 port=$4 devices=$5
+start() {  # name flag port visible_devices   (flag: --enable_llm or --enable_vae; named alone, it serves only that)
+  local name=$1 flag=$2 port=$3 devices=$4
   local envs=("${device_env[@]}")
   [ -n "$devices" ] && envs+=(ASCEND_RT_VISIBLE_DEVICES="$devices")
   env "${envs[@]}" PYTHONPATH="$PWD" "$PYTHON" api/call_remote_server.py --model_dir "$MODEL_DIR" \
-    --enable_llm "$llm" --enable_vae "$vae" --host "$HOST" --port "$port" > "$LOG_DIR/$name.log" 2>&1 &
+    "$flag" True --host "$HOST" --port "$port" > "$LOG_DIR/$name.log" 2>&1 &
   echo "$!" >> "$LOG_DIR/services.pids"
   echo "started the $name service (pid $!, log $LOG_DIR/$name.log)" >&2
 }
@@ -60,9 +60,9 @@ wait_url() {  # name pid -> prints the URL the service announced
 stop_started() { bash scripts/stop_servers.sh "$LOG_DIR/services.pids"; }
 trap stop_started EXIT
 
-start caption True False "$CAPTION_PORT" "${CAPTION_DEVICES:-}"
+start caption --enable_llm "$CAPTION_PORT" "${CAPTION_DEVICES:-}"
 caption_pid=$!
-start vae False True "$VAE_PORT" "${VAE_DEVICES:-}"
+start vae --enable_vae "$VAE_PORT" "${VAE_DEVICES:-}"
 vae_pid=$!
 caption_url=$(wait_url caption "$caption_pid")
 vae_url=$(wait_url vae "$vae_pid")

@@ -1,36 +1,37 @@
-"""The one place that knows which device we run on.
+"""The one place that knows which device we run on: the device, the compute dtype and the kernel table.
 
-Everything device-specific lives here: the device and compute dtype, the runtime
-switches, and the few kernels whose best (or only working) form differs between
-Ascend and CPU. Model code calls these functions and the layers in
-`stepvideo.layers`; it never branches on the device itself.
+Model code calls the functions below (`attention`, `gelu_tanh`, `rms_norm`,
+`modulated_layer_norm`, ...) and the layers in `stepvideo.layers`; it never
+branches on the device. The functions whose best (or only working) form differs
+between devices dispatch through the active `Kernels` table:
 
-Choice (issue 2): the models call these functions directly instead of us
-monkeypatching the missing `mint` kernels on CPU at start-up. Patching changes
-the meaning of `mint.*` globally and silently (for mindone and for every other
-library in the process), hides which kernel really runs, and breaks when a
-MindSpore release renames the internals it patches. Calling a named function
-keeps each choice visible and testable on its own.
+    backend.init()                          # picks the device, then its table from KERNEL_TABLES
+    backend.attention(q, k, v, mask=keep)   # runs kernels().attention
+
+Tables: `cpu_kernels()` (exact fp32 forms) and `ascend_kernels(device_ops)`
+(FlashAttentionScore, the fused RmsNorm, the Ascend GELU, native collectives).
+`device_ops` is where the Ascend-only MindSpore calls come from (`mindspore.ops`
+by default); anything with the same functions and documented semantics can
+stand in for it, which is how the Ascend table runs on a CPU:
+
+    previous = backend.install(backend.ascend_kernels(my_ops, compute_dtype=ms.float32))
+    ...
+    backend.install(previous)
+
+Install a table before building and compiling models: layers take their dtype
+from the table when they are built, and a compiled graph keeps the kernels it
+was compiled with.
 
 Device choice: ``STEPVIDEO_DEVICE`` (``cpu`` | ``ascend``) or `init(device=...)`
 wins; otherwise Ascend when MindSpore reports one, else CPU.
-
-Kernel choices (facts in ../shared/notes/mindspore-cpu.md):
-- attention: FlashAttentionScore on Ascend (bf16, BSND); exact softmax attention
-  on CPU (no FA kernel there). An additive bias (Step-LLM's ALiBi) always takes
-  the exact path so its order relative to the scale is unambiguous.
-- GELU-tanh: on CPU the `tanh` kernel is off by 1e-4, so we use the identical
-  `x * sigmoid(2c(x + 0.044715 x^3))` form (accurate and 8x faster there).
-- RMSNorm: the fused `RmsNorm` kernel on Ascend; explicit fp32 math on CPU.
-- LayerNorm, embedding lookup, conv, group norm, padding use classic `ops` that
-  have kernels on both devices, so they need no branch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional
 
 import mindspore as ms
 from mindspore import Tensor, mint, ops
@@ -41,12 +42,36 @@ _ENV_DEVICE = "STEPVIDEO_DEVICE"
 
 
 @dataclass(frozen=True)
+class Kernels:
+    """One device's kernel table. Every kernel takes and returns tensors in the caller's dtype.
+
+    attention(q, k, v, mask, causal, bias, scale): see `backend.attention` (scale already resolved).
+    gelu_tanh(x), rms_norm(x, weight, eps), modulated_layer_norm(x, weight, bias, eps, scale, shift):
+        see the functions of the same name below.
+    native_collectives: True = the distributed DiT uses the device's all-to-all and send/recv
+        through `comm`; False = the emulations built from all-gather and broadcast.
+    comm: the communication module (`mindspore.mint.distributed`, or an object with its API).
+    """
+
+    name: str
+    compute_dtype: ms.dtype
+    attention: Callable[..., Tensor]
+    gelu_tanh: Callable[[Tensor], Tensor]
+    rms_norm: Callable[[Tensor, Optional[Tensor], float], Tensor]
+    modulated_layer_norm: Callable[..., Tensor]
+    native_collectives: bool
+    comm: Any
+
+
+@dataclass(frozen=True)
 class BackendInfo:
     device: str  # ASCEND or CPU
-    compute_dtype: ms.dtype  # bf16 on Ascend, fp32 on CPU
+    compute_dtype: ms.dtype  # of the active kernel table: bf16 on Ascend, fp32 on CPU
+    kernels: str  # name of the active kernel table
 
 
-_info: Optional[BackendInfo] = None
+_device: Optional[str] = None
+_table: Optional[Kernels] = None
 
 
 def _detect_device() -> str:
@@ -64,21 +89,20 @@ def _detect_device() -> str:
 
 
 def init(device: Optional[str] = None, device_id: Optional[int] = None) -> BackendInfo:
-    """Select the device once per process; later calls return the same choice.
+    """Select the device and its kernel table once per process; later calls return the same choice.
 
     `device` is "cpu"/"ascend" (any case); None means env var, then auto-detect.
     """
-    global _info
+    global _device, _table
+    wanted = None
     if device is not None:
-        wanted = ASCEND if device.strip().lower() == "ascend" else CPU
         if device.strip().lower() not in ("cpu", "ascend"):
             raise ValueError(f"device={device!r}: expected 'cpu' or 'ascend'")
-    else:
-        wanted = None
-    if _info is not None:
-        if wanted is not None and wanted != _info.device:
-            raise RuntimeError(f"backend already initialised for {_info.device}; cannot switch to {wanted}")
-        return _info
+        wanted = ASCEND if device.strip().lower() == "ascend" else CPU
+    if _device is not None:
+        if wanted is not None and wanted != _device:
+            raise RuntimeError(f"backend already initialised for {_device}; cannot switch to {wanted}")
+        return info()
     dev = wanted or _detect_device()
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
@@ -96,12 +120,16 @@ def init(device: Optional[str] = None, device_id: Optional[int] = None) -> Backe
         # Synchronous pynative on CPU: errors point at the failing op, and the
         # runtime threads stop competing with compute threads (1.6-9x faster).
         ms.runtime.launch_blocking()
-    _info = BackendInfo(device=dev, compute_dtype=ms.bfloat16 if dev == ASCEND else ms.float32)
-    return _info
+    _device = dev
+    if _table is None:
+        _table = KERNEL_TABLES[dev]()
+    return info()
 
 
 def info() -> BackendInfo:
-    return _info if _info is not None else init()
+    if _device is None:
+        init()
+    return BackendInfo(device=_device, compute_dtype=_table.compute_dtype, kernels=_table.name)
 
 
 def device() -> str:
@@ -109,24 +137,80 @@ def device() -> str:
 
 
 def compute_dtype() -> ms.dtype:
-    return info().compute_dtype
+    return kernels().compute_dtype
 
 
 def on_ascend() -> bool:
-    return info().device == ASCEND
+    """The process runs on an Ascend NPU (for device resources such as streams; kernels come from the table)."""
+    return device() == ASCEND
 
 
-# --------------------------------------------------------------------------- kernels
+def kernels() -> Kernels:
+    """The active kernel table (initialising the backend on first use)."""
+    if _table is None:
+        init()
+    return _table
+
+
+def install(table: Kernels) -> Kernels:
+    """Make `table` the active kernel table; returns the one it replaces (to install it back)."""
+    global _table
+    if not isinstance(table, Kernels):
+        raise TypeError(f"install: expected a backend.Kernels table, got {type(table).__name__}")
+    previous = kernels()
+    _table = table
+    return previous
+
+
+@contextlib.contextmanager
+def using(table: Kernels) -> Iterator[Kernels]:
+    """`with backend.using(table):` runs the block with `table` installed, then restores the previous one."""
+    previous = install(table)
+    try:
+        yield table
+    finally:
+        install(previous)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None, causal: bool = False,
+              bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Softmax attention in the (b, s, heads, d) layout; every attention in the models comes here.
+
+    q: (b, s_q, h, d); k, v: (b, s_k, h, d) -> (b, s_q, h, d) in q's dtype; softmax in fp32.
+    mask: bool, True = attend; 3-D masks broadcast to (b, s_q, s_k) (e.g. (b, 1, s_k)
+        for one mask per row), 4-D masks to (b, h, s_q, s_k).
+    causal: query i sees keys j <= i (s_q == s_k).
+    bias: additive float, broadcastable to (b, h, s_q, s_k), added after the scale.
+    scale: multiplies q.k; default 1/sqrt(d).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return kernels().attention(q, k, v, mask, causal, bias, scale)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
     """GELU with the tanh approximation (torch `approximate="tanh"`)."""
-    if on_ascend():
-        return ops.gelu(x, approximate="tanh")
-    # 0.5 * (1 + tanh(u)) == sigmoid(2u), with u = sqrt(2/pi) * (x + 0.044715 x^3);
-    # 2u is written as x * (c + c * 0.044715 * x^2): six passes over x instead of seven.
-    c = math.sqrt(8.0 / math.pi)
-    return x * ops.sigmoid(x * (c + (c * 0.044715) * (x * x)))
+    return kernels().gelu_tanh(x)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last axis, computed in fp32, cast back to x's dtype,
+    then scaled by `weight` (shape (c,), or None for no affine) in that dtype."""
+    return kernels().rms_norm(x, weight, eps)
+
+
+def modulated_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, scale: Tensor,
+                         shift: Tensor) -> Tensor:
+    """layer_norm(x, weight, bias) * (1 + scale) + shift (adaLN); scale/shift broadcast to x, e.g. (b, 1, c).
+
+    weight and bias None: a LayerNorm without affine (the DiT's output norm).
+    """
+    return kernels().modulated_layer_norm(x, weight, bias, eps, scale, shift)
+
+
+# --------------------------------------------------------------------------- kernels with one form
 
 
 def silu(x: Tensor) -> Tensor:
@@ -136,47 +220,6 @@ def silu(x: Tensor) -> Tensor:
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """LayerNorm over the last axis; weight/bias of shape (c,) (ones/zeros when no affine)."""
     return ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)(x, weight, bias)[0]
-
-
-def modulated_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, scale: Tensor,
-                         shift: Tensor) -> Tensor:
-    """layer_norm(x, weight, bias) * (1 + scale) + shift (adaLN); scale/shift broadcast to x, e.g. (b, 1, c).
-
-    weight and bias None: a LayerNorm without affine (the DiT's output norm).
-
-    On CPU the LayerNorm kernel runs on one thread (11.5 ms for 2048 x 1024 fp32); there the
-    mean and the (centred, two-pass) variance are matrix-vector products and the affine is
-    folded into the modulation: 6 ms for norm + modulation instead of 15.
-    """
-    if on_ascend():
-        if weight is None:
-            weight, bias = ops.ones(x.shape[-1:], x.dtype), ops.zeros(x.shape[-1:], x.dtype)
-        return layer_norm(x, weight, bias, eps) * (1 + scale) + shift
-    c = x.shape[-1]
-    average = ops.full((c, 1), 1.0 / c, dtype=x.dtype)
-    rows = x.reshape(-1, c)
-    centred = rows - ops.matmul(rows, average)
-    normed = centred * ops.rsqrt(ops.matmul(centred * centred, average) + eps)
-    gain = 1 + scale if weight is None else weight * (1 + scale)
-    offset = shift if bias is None else bias * (1 + scale) + shift
-    return normed.reshape(x.shape) * gain + offset
-
-
-def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
-    """x / sqrt(mean(x^2) + eps), computed in fp32, cast back, then scaled by `weight`.
-
-    This is the reference's order: normalise in fp32, cast to the input dtype,
-    multiply by the weight in that dtype.
-    """
-    if on_ascend() and weight is not None and x.dtype == weight.dtype:
-        return ops.rms_norm(x, weight, eps)[0]
-    xf = _as_fp32(x)
-    d = x.shape[-1]
-    # mean(x^2) as a matrix-vector product: several times faster than ReduceMean on CPU.
-    mean_square = ops.matmul((xf * xf).reshape(-1, d), ops.full((d, 1), 1.0 / d, dtype=ms.float32))
-    out = xf * ops.rsqrt(mean_square.reshape(x.shape[:-1] + (1,)) + eps)
-    out = out if x.dtype == ms.float32 else out.astype(x.dtype)
-    return out * weight if weight is not None else out
 
 
 def embedding(ids: Tensor, table: Tensor) -> Tensor:
@@ -189,23 +232,12 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: fl
     return ops.group_norm(x, num_groups, weight, bias, eps)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None, causal: bool = False,
-              bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
-    """Softmax attention in the reference's (b, s, heads, d) layout.
-
-    q: (b, s_q, h, d); k, v: (b, s_k, h, d) -> (b, s_q, h, d).
-    mask: bool, True = attend; 3-D masks broadcast to (b, s_q, s_k) (e.g. (b, 1, s_k)
-        for one mask per row), 4-D masks to (b, h, s_q, s_k).
-    causal: query i sees keys j <= i (s_q == s_k).
-    bias: additive float, broadcastable to (b, h, s_q, s_k), added after the scale.
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if on_ascend() and bias is None and q.dtype in (ms.bfloat16, ms.float16):
-        return _flash_attention(q, k, v, mask, causal, scale)
-    return _exact_attention(q, k, v, mask, causal, bias, scale)
+# --------------------------------------------------------------------------- exact (CPU) kernels
 
 
-def _exact_attention(q, k, v, mask, causal, bias, scale):
+def exact_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, bias: Optional[Tensor],
+                    scale: float) -> Tensor:
+    """`attention` as fp32 matrix products and a softmax (every dtype, every mask form)."""
     dtype = q.dtype
     # The scale goes onto q (s_q x d values) rather than onto the scores (s_q x s_k).
     qh = (_as_fp32(q) * scale).transpose(0, 2, 1, 3)  # (b, h, s_q, d)
@@ -236,11 +268,87 @@ def _as_fp32(x: Tensor) -> Tensor:
     return x if x.dtype == ms.float32 else x.astype(ms.float32)
 
 
-def _flash_attention(q, k, v, mask, causal, scale):
+def gelu_tanh_sigmoid(x: Tensor) -> Tensor:
+    """GELU-tanh as x * sigmoid(2u): the CPU `tanh` kernel is off by 1e-4; this form is exact and faster."""
+    # 0.5 * (1 + tanh(u)) == sigmoid(2u), with u = sqrt(2/pi) * (x + 0.044715 x^3);
+    # 2u is written as x * (c + c * 0.044715 * x^2): six passes over x instead of seven.
+    c = math.sqrt(8.0 / math.pi)
+    return x * ops.sigmoid(x * (c + (c * 0.044715) * (x * x)))
+
+
+def rms_norm_fp32(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """`rms_norm` as explicit fp32 math, the mean square as a matrix-vector product (faster than
+    ReduceMean on CPU)."""
+    xf = _as_fp32(x)
+    d = x.shape[-1]
+    mean_square = ops.matmul((xf * xf).reshape(-1, d), ops.full((d, 1), 1.0 / d, dtype=ms.float32))
+    out = xf * ops.rsqrt(mean_square.reshape(x.shape[:-1] + (1,)) + eps)
+    out = out if x.dtype == ms.float32 else out.astype(x.dtype)
+    return out * weight if weight is not None else out
+
+
+def modulated_layer_norm_matvec(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                                scale: Tensor, shift: Tensor) -> Tensor:
+    """`modulated_layer_norm` with the mean and the (centred, two-pass) variance as matrix-vector
+    products and the affine folded into the modulation: the CPU LayerNorm kernel runs on one thread."""
+    c = x.shape[-1]
+    average = ops.full((c, 1), 1.0 / c, dtype=x.dtype)
+    rows = x.reshape(-1, c)
+    centred = rows - ops.matmul(rows, average)
+    normed = centred * ops.rsqrt(ops.matmul(centred * centred, average) + eps)
+    gain = 1 + scale if weight is None else weight * (1 + scale)
+    offset = shift if bias is None else bias * (1 + scale) + shift
+    return normed.reshape(x.shape) * gain + offset
+
+
+def cpu_kernels() -> Kernels:
+    from mindspore.mint import distributed
+
+    return Kernels(name="cpu", compute_dtype=ms.float32, attention=exact_attention, gelu_tanh=gelu_tanh_sigmoid,
+                   rms_norm=rms_norm_fp32, modulated_layer_norm=modulated_layer_norm_matvec,
+                   native_collectives=False, comm=distributed)
+
+
+# --------------------------------------------------------------------------- Ascend kernels
+
+
+def ascend_kernels(device_ops: Any = ops, comm: Any = None, compute_dtype: ms.dtype = ms.bfloat16,
+                   name: str = "ascend") -> Kernels:
+    """The Ascend table: its device-only calls go to `device_ops` and `comm`.
+
+    device_ops: provides `flash_attention_score`, `rms_norm` and `gelu` with the signatures and
+        semantics of `mindspore.ops` 2.7 (the default).
+    comm: provides `mindspore.mint.distributed`'s API, all_to_all / send / recv included (the default).
+    """
+    if comm is None:
+        from mindspore.mint import distributed as comm
+
+    def flash_or_exact_attention(q, k, v, mask, causal, bias, scale):
+        # FlashAttentionScore takes fp16/bf16 only and has no additive-bias input that we use:
+        # an fp32 call or Step-LLM's ALiBi bias takes the exact path.
+        if bias is None and q.dtype in (ms.bfloat16, ms.float16):
+            return _flash_attention(device_ops, q, k, v, mask, causal, scale)
+        return exact_attention(q, k, v, mask, causal, bias, scale)
+
+    def gelu_tanh_fused(x):
+        return device_ops.gelu(x, approximate="tanh")
+
+    def rms_norm_fused(x, weight, eps):
+        # The fused kernel normalises and scales in one pass; it needs a weight of x's dtype.
+        if weight is not None and x.dtype == weight.dtype:
+            return device_ops.rms_norm(x, weight, eps)[0]
+        return rms_norm_fp32(x, weight, eps)
+
+    return Kernels(name=name, compute_dtype=compute_dtype, attention=flash_or_exact_attention,
+                   gelu_tanh=gelu_tanh_fused, rms_norm=rms_norm_fused, modulated_layer_norm=modulated_layer_norm_fused,
+                   native_collectives=True, comm=comm)
+
+
+def _flash_attention(device_ops, q, k, v, mask, causal, scale):
+    """FlashAttentionScore in the BSND layout; its mask flags the positions to discard (True = drop)."""
     heads = q.shape[2]
     drop = None
     if mask is not None:
-        # FlashAttentionScore masks where the flag is True (discard), the opposite of ours.
         keep = mask if mask.ndim == 4 else mask.expand_dims(1)
         keep = keep.broadcast_to((q.shape[0], keep.shape[1], q.shape[1], k.shape[1]))
         drop = ops.logical_not(keep)
@@ -248,8 +356,18 @@ def _flash_attention(q, k, v, mask, causal, scale):
         s = q.shape[1]
         tri_drop = ops.triu(ops.ones((s, s), ms.bool_), 1)
         drop = tri_drop if drop is None else ops.logical_or(drop, tri_drop)
-    return ops.flash_attention_score(q, k, v, heads, attn_mask=drop, scalar_value=scale,
-                                     input_layout="BSND")
+    return device_ops.flash_attention_score(q, k, v, heads, attn_mask=drop, scalar_value=scale, input_layout="BSND")
+
+
+def modulated_layer_norm_fused(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                               scale: Tensor, shift: Tensor) -> Tensor:
+    """`modulated_layer_norm` with the device's LayerNorm kernel (ones/zeros when no affine)."""
+    if weight is None:
+        weight, bias = ops.ones(x.shape[-1:], x.dtype), ops.zeros(x.shape[-1:], x.dtype)
+    return layer_norm(x, weight, bias, eps) * (1 + scale) + shift
+
+
+KERNEL_TABLES = {CPU: cpu_kernels, ASCEND: ascend_kernels}  # device -> the factory of its default table
 
 
 # --------------------------------------------------------------------------- weight streaming

@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -45,6 +45,17 @@ log = logging.getLogger(__name__)
 
 KeyFilter = Callable[[str], bool]
 Rename = Callable[[str], str]
+
+
+class Slice(NamedTuple):
+    """The part of a stored tensor one rank loads: positions [start, stop) of axis `axis`."""
+
+    axis: int
+    start: int
+    stop: int
+
+    def shape(self, full: Tuple[int, ...]) -> Tuple[int, ...]:
+        return full[:self.axis] + (self.stop - self.start,) + full[self.axis + 1:]
 
 
 class CheckpointError(ValueError):
@@ -132,15 +143,44 @@ def named_parameters(net: nn.Cell) -> Dict[str, ms.Parameter]:
     return {name: p for name, p in net.parameters_and_names()}
 
 
+def read_slice(path: os.PathLike | str, info: st.TensorInfo, part: Slice) -> np.ndarray:
+    """Read only `part` of the stored tensor `info` of file `path` (as stored: bf16 as uint16 bits).
+
+    The slice is `outer` runs of contiguous bytes (one run when it cuts the first axis), each read
+    into its place in the result: the rest of the tensor is never read.
+    """
+    shape = tuple(info.shape)
+    if not 0 <= part.axis < len(shape) or not 0 <= part.start < part.stop <= shape[part.axis]:
+        raise CheckpointError(f"{path}: slice {tuple(part)} does not fit tensor {info.name!r} of shape {list(shape)}")
+    dtype = dtypes.BY_SAFETENSORS[info.dtype].numpy
+    outer = int(np.prod(shape[:part.axis], dtype=np.int64))
+    inner = int(np.prod(shape[part.axis + 1:], dtype=np.int64)) * dtype.itemsize  # bytes per index of the axis
+    run = (part.stop - part.start) * inner
+    out = np.empty(part.shape(shape), dtype=dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i in range(outer):
+            offset = info.start + (i * shape[part.axis] + part.start) * inner
+            if os.preadv(fd, [view[i * run:(i + 1) * run]], offset) != run:
+                raise CheckpointError(f"{path}: tensor {info.name!r} truncated")
+    finally:
+        os.close(fd)
+    return out
+
+
 def load_weights(net: nn.Cell, path: os.PathLike | str, *, key_filter: Optional[KeyFilter] = None,
-                 rename: Optional[Rename] = None) -> LoadReport:
+                 rename: Optional[Rename] = None, slices: Optional[Mapping[str, Slice]] = None) -> LoadReport:
     """Stream a checkpoint into `net`, strictly.
 
     key_filter: applied to parameter names; only the parameters it accepts are
         expected and loaded (the others stay lazy and take no memory), and file
         keys that map to rejected names are skipped.
     rename: maps a file key to a parameter name (only for the reference's remaps).
+    slices: parameter name -> the `Slice` of the stored tensor it holds (tensor parallelism);
+        only that part is read from the file, and the parameter has the slice's shape.
     """
+    slices = slices or {}
     t0 = time.perf_counter()
     params = named_parameters(net)
     accept = key_filter or (lambda name: True)
@@ -172,7 +212,9 @@ def load_weights(net: nn.Cell, path: os.PathLike | str, *, key_filter: Optional[
                 if key not in opened[file].tensors:
                     missing.append(f"{name} (listed in the index but absent from {file.name})")
                     continue
-                shape = opened[file].tensors[key].shape
+                shape = tuple(opened[file].tensors[key].shape)
+                if name in slices:
+                    shape = slices[name].shape(shape)  # (an axis the tensor lacks gives a wrong shape)
                 if tuple(shape) != tuple(params[name].shape):
                     wrong_shape.append(f"{key}: file {list(shape)} vs parameter {list(params[name].shape)}")
         if missing or unexpected or wrong_shape:
@@ -191,7 +233,8 @@ def load_weights(net: nn.Cell, path: os.PathLike | str, *, key_filter: Optional[
             f = opened[file]
             for key, name in pairs:
                 param = params[name]
-                tensor = _to_parameter_tensor(f.read_raw(key), f.tensors[key].dtype, param.dtype)
+                raw = read_slice(file, f.tensors[key], slices[name]) if name in slices else f.read_raw(key)
+                tensor = _to_parameter_tensor(raw, f.tensors[key].dtype, param.dtype)
                 param.set_data(tensor)
                 total += tensor.nbytes
                 count += 1

@@ -3,18 +3,21 @@
 Kept from the original (stepvideo/config.py): --model_dir --vae_url --caption_url
 --ulysses_degree --prompt --infer_steps --cfg_scale --time_shift --num_frames
 --height --width --seed --save_path --name_suffix --num_videos --pos_magic
---neg_magic. Added: --pp_degree and --layer_split (pipeline stages), --local_models,
---output_type, --latents_out, --device, --eager, --stats_dir, --offload.
+--neg_magic --tensor_parallel_degree. Added: --pp_degree and --layer_split (pipeline
+stages), --cfg_parallel_degree, --local_models, --output_type, --latents_out, --device,
+--eager, --stats_dir, --offload, --prompt_file, --preset, --wait_services, --decode_latents.
 
-Not kept: --ring_degree and --tensor_parallel_degree (not implemented here: a
-value other than 1 would silently do something else), and the original's
+Not kept: --ring_degree (not implemented here: a value other than 1 would
+silently do something else), and the original's
 parsed-but-unused --flow_reverse, --flow_solver, --model_resolution,
 --use-cpu-offload and --batch_size.
 """
 from __future__ import annotations
 
 import argparse
-from typing import List, Optional, Sequence
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
 NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
@@ -89,8 +92,55 @@ def build_parser() -> argparse.ArgumentParser:
                              "the memory-mapped checkpoint and bring each one in just before it runs, the next one "
                              "while the current one computes; memory for the other weights + 2 blocks, same "
                              "numbers. Needs safetensors checkpoints")
+
+    more = parser.add_argument_group("tensor and CFG parallelism (workers = pp x cfg x tensor x ulysses)")
+    more.add_argument("--tensor_parallel_degree", type=int, default=1,
+                      help="ranks splitting every block's heads and FFN width (heads / tensor / ulysses whole)")
+    more.add_argument("--cfg_parallel_degree", type=int, default=1, choices=(1, 2),
+                      help="2: the conditional and unconditional rows on two rank groups")
+
+    jobs = parser.add_argument_group("prompts, presets, services and finished latents")
+    jobs.add_argument("--prompt_file", type=str, default=None,
+                      help="one prompt per line (blank lines skipped); the weights are loaded once for all, each "
+                           "prompt gives --num_videos mp4 files, and one prompt's failure does not stop the others")
+    jobs.add_argument("--preset", choices=sorted(load_presets()), default=None,
+                      help="sampling settings from configs/presets.json: base (50 steps, cfg 9.0, shift 13.0) or "
+                           "turbo (15 steps, cfg 5.0, shift 17.0); --infer_steps/--cfg_scale/--time_shift given "
+                           "explicitly win")
+    jobs.add_argument("--wait_services", type=float, default=0.0, metavar="SECONDS",
+                      help="before loading the DiT, wait up to this long for services that are starting or still "
+                           "loading their models (default 0: a service that is not ready is an error at once)")
+    jobs.add_argument("--decode_latents", type=str, nargs="+", default=None, metavar="FILE",
+                      help="no DiT: decode these latents files (written to --save_path before every decode) with "
+                           "the VAE service at --vae_url (or --local_models) into mp4 files beside them")
     return parser
 
 
+PRESETS_FILE = Path(__file__).resolve().parents[1] / "configs" / "presets.json"
+PRESET_FLAGS = ("infer_steps", "cfg_scale", "time_shift")
+
+
+def load_presets() -> Dict[str, dict]:
+    """{name: {"infer_steps": .., "cfg_scale": .., "time_shift": ..}} from configs/presets.json."""
+    presets = json.loads(PRESETS_FILE.read_text())
+    for name, values in presets.items():
+        missing = [k for k in PRESET_FLAGS if k not in values]
+        if missing:
+            raise ValueError(f"{PRESETS_FILE}: preset {name!r} lacks {missing}")
+    return presets
+
+
 def parse_args(argv: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None):
-    return build_parser().parse_args(argv, namespace=namespace)
+    """The flags; a --preset fills --infer_steps/--cfg_scale/--time_shift unless they were given."""
+    parser = build_parser()
+    args = parser.parse_args(argv, namespace=namespace)
+    if args.preset is not None:
+        # Parsing again with every default removed tells which flags were given explicitly.
+        given = argparse.Namespace()
+        bare = build_parser()
+        bare.set_defaults(**{a.dest: None for a in bare._actions if a.dest != "help"})
+        bare.parse_args(argv, namespace=given)
+        for flag, value in load_presets()[args.preset].items():
+            if flag in PRESET_FLAGS and getattr(given, flag) is None:
+                setattr(args, flag, value)
+    return args

@@ -6,15 +6,19 @@ until data is set: a 30B model can be built, inspected and partially loaded
 checkpoint loader fills them with `set_data`.
 
 Names follow torch (`weight`, `bias`), so checkpoint keys map to parameter names
-one to one. (Legacy `nn.LayerNorm`/`nn.GroupNorm`/`nn.Embedding` use gamma/beta/
-embedding_table, which would need a rename table.)
+one to one.
 
 `dtype` defaults to the backend's compute dtype (bf16 on Ascend, fp32 on CPU);
 modules the reference keeps in fp32 pass `dtype=ms.float32` explicitly.
+
+`jit_method` is the one way a cell compiles: a decorated method runs as a
+compiled graph while the cell's `jit_enabled` is True, and eagerly otherwise.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import threading
+import types
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn, ops
@@ -26,6 +30,39 @@ from stepvideo import backend
 def lazy_parameter(shape: Sequence[int], dtype: Optional[ms.dtype] = None, fill: str = "zeros") -> Parameter:
     """A parameter whose memory is allocated only when data is set."""
     return Parameter(initializer(fill, tuple(shape), dtype or backend.compute_dtype()))
+
+
+class jit_method:
+    """Method decorator: the method runs as a compiled graph (`ms.jit`, one compile per input
+    shape) while `self.jit_enabled` is True, and as plain Python otherwise.
+
+    Every caller of the method (the cell's own forward, a pipeline stage calling it from
+    outside, another decorated method) gets the same choice. A decorated method called while
+    another one is being compiled is inlined into that graph rather than compiled on its own.
+    Graphs are cached by MindSpore per instance and input shapes; they keep the backend
+    kernels they were compiled with.
+    """
+
+    _compiling = threading.local()
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.graph = ms.jit(fn)
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self.fn
+        if not obj.jit_enabled or getattr(jit_method._compiling, "active", False):
+            return types.MethodType(self.fn, obj)
+        return types.MethodType(self._run_graph, obj)
+
+    def _run_graph(self, obj, *args):
+        jit_method._compiling.active = True
+        try:
+            return self.graph(obj, *args)
+        finally:
+            jit_method._compiling.active = False
 
 
 def _triple(v: Union[int, Sequence[int]]) -> Tuple[int, int, int]:

@@ -3,10 +3,12 @@
     python scripts/benchmark dit   [--quick] [--append docs/performance.md]
     python scripts/benchmark vae | text | step | comm | load   [--quick] [--append FILE]
     python scripts/benchmark ascend [--append FILE]     (the paper projection for Ascend 910B)
+    python scripts/benchmark parallel [--repeats N] [--append FILE]   (two msrun workers: pp2, sp2, tp2, cfg2)
+    python scripts/benchmark layouts [--append FILE]    (every 4- and 8-device layout, on paper)
 
 One module per measurement (dit, vae, text, step, load, comm), each with `run(args) -> str`;
 the FLOP model in `flops`, the timing and table helpers in `measure`, the Ascend projection
-in `ascend`; `load_probe.py` and `comm_worker.py` are the programs the load and comm
+in `ascend` (and for every parallel layout in `layouts`); `load_probe.py` and `comm_worker.py` are the programs the load and comm
 measurements start in fresh processes. Weights come from the golden fixtures' generation
 rule (`scripts/synthetic_weights.py`).
 

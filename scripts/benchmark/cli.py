@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import benchmark
-from benchmark import ascend, comm, dit, load, step, text, vae
+from benchmark import ascend, comm, dit, layouts, load, parallel, step, text, vae
 from benchmark.measure import machine_line
 
 COMMANDS = {"dit": dit.run, "vae": vae.run, "text": text.run, "step": step.run, "comm": comm.run, "load": load.run,
-            "ascend": ascend.run}
+            "ascend": ascend.run, "parallel": parallel.run, "layouts": layouts.run}
 
 
 def main(argv=None) -> int:

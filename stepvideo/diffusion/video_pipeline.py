@@ -15,7 +15,10 @@ Sizes: frames are rounded down to a multiple of 17 and height/width to multiples
 with a warning when the values change. Initial noise is drawn with numpy from the
 seed/generator (the same on every device) and rounded to bf16 values; given latents are
 rounded to bf16 values and define the video size. Bad arguments raise ValueError before
-any model work. How this compares with the original: docs/porting.md.
+any model work. Output: one mp4 per video (prompts x num_videos_per_prompt), each cropped
+to 540p on its own, and each video's final latents written beside it before it is
+decoded, so a failed decode loses nothing. How this compares with the original:
+docs/porting.md.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -36,7 +39,8 @@ from stepvideo import dtypes
 from stepvideo.contracts import check_latent_shape, check_prompts
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
 from stepvideo.modules.model import StepVideoModel
-from stepvideo.utils.video_process import VideoProcessor, crop_to_540p, to_uint8_frames
+from stepvideo.utils import safetensors_io as st
+from stepvideo.utils.video_process import MAX_NAME_CHARS, VideoProcessor, safe_stem, video_frames, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,36 @@ SPATIAL_COMPRESSION = 16
 OUTPUT_TYPES = ("mp4", "latent", "np")
 
 
+@dataclass(frozen=True)
+class VideoFile:
+    """One video of a call: its latents (always written first) and its mp4, or why decoding failed."""
+
+    prompt: str
+    latents: Path
+    video: Optional[Path] = None
+    error: Optional[str] = None
+
+
 @dataclass
 class StepVideoPipelineOutput:
-    video: Any  # path of the mp4, or an array for output_type "latent" / "np"
+    video: Any  # mp4: the list of mp4 paths, one per video; "latent" / "np": an array
+    files: List[VideoFile] = field(default_factory=list)  # mp4: each video's files
+
+
+class VideoOutputError(RuntimeError):
+    """Some videos could not be decoded or written; their latents are on disk.
+
+    written / failed: the VideoFiles of the call; decode a failed one later with
+    `python run_parallel.py --decode_latents FILE --vae_url URL`.
+    """
+
+    def __init__(self, written: List[VideoFile], failed: List[VideoFile]):
+        self.written, self.failed = written, failed
+        lines = [f"{len(failed)} of {len(written) + len(failed)} video(s) could not be decoded or written; "
+                 "their latents are saved:"]
+        lines += [f"  {f.latents}: {f.error}" for f in failed]
+        lines.append("decode them later with: python run_parallel.py --decode_latents FILE --vae_url URL")
+        super().__init__("\n".join(lines))
 
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -193,7 +224,10 @@ class StepVideoPipeline:
                  generator: Optional[np.random.Generator] = None, latents: Optional[np.ndarray] = None,
                  output_type: str = "mp4", output_file_name: str = "", return_dict: bool = True,
                  progress: bool = True, callback: Optional[Callable[[int, Dict[str, Tensor]], None]] = None):
-        """Generate; returns the mp4 path (or an array for output_type "latent"/"np") on the output rank.
+        """Generate; on the output rank returns the mp4 paths, one per video (or an array for "latent"/"np").
+
+        mp4: each video's final latents are written to save_path before it is decoded (see
+        `write_videos`); a failed decode raises VideoOutputError naming them, after the other videos.
 
         callback(i, tensors) is called after each step with "model_input", "timestep",
         "noise_pred" (guided) and "latents" (after the scheduler step).
@@ -253,10 +287,45 @@ class StepVideoPipeline:
         if not self.is_output_rank:
             return None
         result = latents.asnumpy()
-        if output_type != "latent":
-            video = self.decode_vae(result)
-            if output_type == "mp4":
-                result = str(self.video_processor.postprocess_video(video, output_file_name=output_file_name))
-            else:
-                result = crop_to_540p(to_uint8_frames(video))
+        if output_type == "mp4":
+            names = [output_file_name or prompts[i // num_videos_per_prompt][:50] for i in range(batch)]
+            files = self.write_videos(result, names, [prompts[i // num_videos_per_prompt] for i in range(batch)],
+                                      num_videos_per_prompt)
+            return StepVideoPipelineOutput(video=[str(f.video) for f in files], files=files) if return_dict \
+                else ([str(f.video) for f in files],)
+        if output_type == "np":
+            result = np.concatenate(video_frames(self.decode_vae(result)), axis=1)
         return StepVideoPipelineOutput(video=result) if return_dict else (result,)
+
+    def write_videos(self, latents: np.ndarray, names: Sequence[str], prompts: Sequence[str],
+                     videos_per_prompt: int = 1) -> List[VideoFile]:
+        """One mp4 per video of `latents` (b, T, c, h, w), each cropped to 540p on its own.
+
+        Each video's latents are written first (`<name>.safetensors` beside `<name>.mp4`),
+        then it is decoded alone, so a failed decode loses nothing and does not stop the
+        other videos. Raises VideoOutputError after the last video if any failed.
+        """
+        written, failed = [], []
+        stamp = self.video_processor.name_stamp()  # one for all videos of the call
+        for i, (name, prompt) in enumerate(zip(names, prompts)):
+            if videos_per_prompt > 1:  # the index must survive the name's length limit
+                index = f"_v{i % videos_per_prompt}"
+                name = safe_stem(name, MAX_NAME_CHARS - len(index)) + index
+            stem = self.video_processor.output_stem(name, stamp)
+            latents_path = Path(f"{stem}.safetensors")
+            latents_path.parent.mkdir(parents=True, exist_ok=True)
+            st.save_file(latents_path, {"latents": np.ascontiguousarray(latents[i:i + 1], np.float32)},
+                         metadata={"prompt": prompt, "format": "step-video latents (b, T, c, h, w)"})
+            try:
+                (frames,) = video_frames(self.decode_vae(latents[i:i + 1]))
+                video_path = write_mp4(frames, f"{stem}.mp4")
+            except Exception as e:  # noqa: BLE001 - any failure: keep the latents, go on with the next video
+                log.error("video %d (%s): decoding or writing failed: %s: %s; its latents are in %s", i, name,
+                          type(e).__name__, e, latents_path)
+                failed.append(VideoFile(prompt, latents_path, error=f"{type(e).__name__}: {e}"))
+                continue
+            log.info("video written to %s (latents in %s)", video_path, latents_path)
+            written.append(VideoFile(prompt, latents_path, video=video_path))
+        if failed:
+            raise VideoOutputError(written, failed)
+        return written

@@ -10,32 +10,30 @@ Layouts that the checkpoint fixes (and the golden fixtures check):
 - `ff.net` is [GELU-tanh projection, Identity, Linear], so the checkpoint keys
   are `ff.net.0.proj.weight` and `ff.net.2.weight`.
 
+Attention hooks: `SelfAttention.core_attention` and `CrossAttention.core_attention`
+are attributes with `backend.attention`'s signature (default: `backend.attention`)
+that parallel code may replace per block. The self-attention hook is called
+between the block's compiled pieces, so a replacement may communicate (Ulysses
+does); the cross-attention hook runs inside the compiled `after_attn1`. Every
+per-token input (tokens, RoPE positions, cross-attention mask rows) can be
+sliced along the sequence axis by the caller.
+
 `.contiguous()` before a reshape that needs a copy: in MindSpore 2.7 (CPU,
 pynative) reshaping a non-contiguous view (a transpose, a slice) into a shape
 that cannot be a view corrupts the heap (glibc aborts the process at exit).
-
-Sequence parallelism is applied from outside: `SelfAttention.core_attention`
-is an attribute (default: the backend's full softmax attention) that a wrapper
-can replace per block, and every per-token input (tokens, RoPE grid, cross-
-attention mask rows) can be sliced along the sequence axis by the caller.
-
-Speed (measured on CPU, see docs/performance.md): the RoPE cos/sin tables are
-made once per forward, not per block and per q/k; q, k, v leave the fused
-projection through one `unstack`; with `set_jit(True)` each block runs as
-compiled graphs around the attention hook (the eager path gives the same numbers).
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from stepvideo import backend
-from stepvideo.layers import Conv2d, LayerNorm, Linear, RMSNorm, lazy_parameter
+from stepvideo.layers import Conv2d, LayerNorm, Linear, RMSNorm, jit_method, lazy_parameter
 from stepvideo.modules.rope import RoPE3D
 
-# The RoPE input of a block: the (n, 3) / (b, n, 3) position grid, or its (cos, sin) tables.
+# The RoPE input of a block: the (n, 3) / (b, n, 3) integer position grid, or the (cos, sin)
+# tables `SelfAttention.rope_tables` makes from it.
 RopeInput = Union[Tensor, Tuple[Tensor, Tensor], None]
 
 
@@ -66,7 +64,7 @@ class SelfAttention(nn.Cell):
             if sum(self.rope_ch_split) != head_dim:
                 raise ValueError(f"head_dim={head_dim}: the DiT's RoPE split {self.rope_ch_split} needs "
                                  f"head_dim {sum(self.rope_ch_split)}")
-        # (q, k, v) each (b, s, heads, head_dim) -> (b, s, heads, head_dim); replaceable per block.
+        # Called as core_attention(q, k, v), each (b, n, heads, head_dim) -> (b, n, heads, head_dim).
         self.core_attention = backend.attention
 
     def rope_tables(self, rope: RopeInput, dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -80,7 +78,7 @@ class SelfAttention(nn.Cell):
         if isinstance(rope, tuple):
             return rope
         if rope is None:
-            raise ValueError("rope_grid: SelfAttention with RoPE needs the (n, 3) token positions")
+            raise ValueError("rope: SelfAttention with RoPE needs the (n, 3) token positions")
         cos, sin = self.rope_3d.tables(rope, self.rope_ch_split, dtype)
         if rope.ndim == 2:
             cos, sin = cos.expand_dims(0), sin.expand_dims(0)
@@ -107,9 +105,9 @@ class SelfAttention(nn.Cell):
         # (contiguous: a replaced kernel may return a view; see the note on views above)
         return self.wo(attn.contiguous().reshape(b, n, -1))
 
-    def construct(self, x: Tensor, rope_grid: RopeInput = None) -> Tensor:
-        """x (b, n, D), rope_grid (n, 3) integer (frame, row, col) of each token (or its tables) -> (b, n, D)."""
-        cos, sin = self.rope_tables(rope_grid, x.dtype)
+    def construct(self, x: Tensor, rope: RopeInput = None) -> Tensor:
+        """x (b, n, D), rope (n, 3) integer (frame, row, col) of each token (or its tables) -> (b, n, D)."""
+        cos, sin = self.rope_tables(rope, x.dtype)
         return self.out(self.core_attention(*self.qkv(x, cos, sin)))
 
 
@@ -127,17 +125,20 @@ class CrossAttention(nn.Cell):
         if with_qk_norm:
             self.q_norm = RMSNorm(head_dim, eps=1e-6)
             self.k_norm = RMSNorm(head_dim, eps=1e-6)
+        # Called as core_attention(q, k, v, mask=attn_mask): q (b, n, heads, head_dim), k, v (b, L, heads,
+        # head_dim) -> (b, n, heads, head_dim); runs inside the block's compiled graph.
+        self.core_attention = backend.attention
 
     def construct(self, x: Tensor, encoder_hidden_states: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         """x (b, n, D), encoder_hidden_states (b, L, D), attn_mask bool (b, 1|n, L) True = attend -> (b, n, D)."""
         b, n, _ = x.shape
-        xq = self.wq(x).reshape(b, n, self.n_heads, self.head_dim)
-        xk, xv = ops.unstack(self.wkv(encoder_hidden_states).reshape(b, encoder_hidden_states.shape[1],
-                                                                     self.n_heads, 2, self.head_dim), 3)
+        q = self.wq(x).reshape(b, n, self.n_heads, self.head_dim)
+        k, v = ops.unstack(self.wkv(encoder_hidden_states).reshape(b, encoder_hidden_states.shape[1],
+                                                                   self.n_heads, 2, self.head_dim), 3)
         if self.with_qk_norm:
-            xq = self.q_norm(xq)
-            xk = self.k_norm(xk)
-        out = backend.attention(xq, xk, xv, mask=attn_mask).contiguous()
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        out = self.core_attention(q, k, v, mask=attn_mask).contiguous()
         return self.wo(out.reshape(b, n, -1))
 
 
@@ -180,12 +181,13 @@ class StepVideoTransformerBlock(nn.Cell):
         x += attn2(x, text)
         x += gate2 * ff(LN2(x) * (1 + scale2) + shift2)
 
-    with (shift1, scale1, gate1, shift2, scale2, gate2) = scale_shift_table + timestep.
+    with (shift1, scale1, gate1, shift2, scale2, gate2) = scale_shift_table + modulation,
+    the (b, 6D) output of the model's `adaln_single` (the original calls it `timestep`).
 
-    The forward is two pieces around `attn1.core_attention` (the sequence-parallel
-    hook): `attn1_inputs` and `after_attn1`. `set_jit(True)` runs each piece as a
-    compiled graph (the hook stays a plain call, so a replacement may communicate);
-    the numbers are those of the eager path.
+    The forward is two pieces around `attn1.core_attention`: `attn1_inputs` and
+    `after_attn1`; with the default kernel the block is the one piece `whole_block`.
+    With `jit_enabled` each piece is a compiled graph (`layers.jit_method`); the
+    hook between the pieces stays a plain call, so a replacement may communicate.
     """
 
     def __init__(self, dim: int, attention_head_dim: int, norm_eps: float = 1e-5, ff_inner_dim: Optional[int] = None,
@@ -198,53 +200,54 @@ class StepVideoTransformerBlock(nn.Cell):
         self.attn2 = CrossAttention(dim, attention_head_dim, bias=False, with_qk_norm=True)
         self.ff = FeedForward(dim=dim, inner_dim=ff_inner_dim, dim_out=dim, bias=ff_bias)
         self.scale_shift_table: Parameter = lazy_parameter((6, dim))
-        self.set_jit(False)
+        self.jit_enabled = False
 
     def set_jit(self, enabled: bool) -> "StepVideoTransformerBlock":
-        """Run the block as compiled graphs (one compile per input shape).
-
-        While `attn1.core_attention` is the default kernel the whole block is one
-        graph; a replacement (e.g. Ulysses, which communicates) is called as it is,
-        between the two compiled pieces.
-        """
+        """Run the block's pieces as compiled graphs (one compile per input shape) or eagerly."""
         self.jit_enabled = enabled
-        self._attn1_inputs = ms.jit(self.attn1_inputs) if enabled else self.attn1_inputs
-        self._after_attn1 = ms.jit(self.after_attn1) if enabled else self.after_attn1
-        self._whole_block = ms.jit(self.whole_block) if enabled else self.whole_block
         return self
 
-    def whole_block(self, x: Tensor, kv: Tensor, timestep: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
-                    attn_mask: Optional[Tensor]) -> Tensor:
-        """The block with the default attention kernel (one graph when compiled)."""
-        return self.after_attn1(x, backend.attention(*self.attn1_inputs(x, timestep, cos, sin)), kv, timestep,
-                                attn_mask)
+    def _modulation(self, modulation: Tensor) -> Tensor:
+        """(b, 6D) -> (b, 6, D): rows shift1, scale1, gate1, shift2, scale2, gate2."""
+        return self.scale_shift_table.expand_dims(0) + modulation.reshape(-1, 6, self.dim)
 
-    def attn1_inputs(self, x: Tensor, timestep: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]):
-        """x (b, n, D), timestep (b, 6D) -> q, k, v (b, n, heads, head_dim) for the self-attention."""
-        mod = self.scale_shift_table.expand_dims(0) + timestep.reshape(-1, 6, self.dim)  # (b, 6, D)
+    @jit_method
+    def whole_block(self, x: Tensor, text: Tensor, modulation: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+                    attn_mask: Optional[Tensor]) -> Tensor:
+        """The block with the default self-attention kernel: one graph when compiled."""
+        attn = backend.attention(*self.attn1_inputs(x, modulation, cos, sin))
+        return self.after_attn1(x, attn, text, modulation, attn_mask)
+
+    @jit_method
+    def attn1_inputs(self, x: Tensor, modulation: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]):
+        """x (b, n, D), modulation (b, 6D) -> q, k, v (b, n, heads, head_dim) for the self-attention."""
+        mod = self._modulation(modulation)
         shift_msa, scale_msa = mod[:, 0:1], mod[:, 1:2]
         return self.attn1.qkv(modulate(self.norm1, x, scale_msa, shift_msa), cos, sin)
 
-    def after_attn1(self, x: Tensor, attn: Tensor, kv: Tensor, timestep: Tensor,
+    @jit_method
+    def after_attn1(self, x: Tensor, attn: Tensor, text: Tensor, modulation: Tensor,
                     attn_mask: Optional[Tensor]) -> Tensor:
-        """x (b, n, D) block input, attn (b, n, heads, head_dim) self-attention core output -> block output."""
-        mod = self.scale_shift_table.expand_dims(0) + timestep.reshape(-1, 6, self.dim)  # (b, 6, D)
+        """x (b, n, D) block input, attn (b, n, heads, head_dim) self-attention core output,
+        text (b, L, D), modulation (b, 6D), attn_mask (b, 1|n, L) -> block output (b, n, D)."""
+        mod = self._modulation(modulation)
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, 2:3], mod[:, 3:4], mod[:, 4:5], mod[:, 5:6]
         x = gate_msa * self.attn1.out(attn) + x
-        x = self.attn2(x, kv, attn_mask) + x
+        x = self.attn2(x, text, attn_mask) + x
         x = gate_mlp * self.ff(modulate(self.norm2, x, scale_mlp, shift_mlp)) + x
         return x
 
-    def construct(self, q: Tensor, kv: Tensor, timestep: Tensor, attn_mask: Optional[Tensor] = None,
-                  rope_grid: RopeInput = None) -> Tensor:
-        """q (b, n, D) video tokens, kv (b, L, D) text tokens, timestep (b, 6D), attn_mask (b, 1|n, L),
-        rope_grid (n, 3) positions or their `SelfAttention.rope_tables` -> (b, n, D)."""
-        cos, sin = self.attn1.rope_tables(rope_grid, q.dtype)
+    def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor, modulation: Tensor,
+                  attn_mask: Optional[Tensor] = None, rope: RopeInput = None) -> Tensor:
+        """hidden_states (b, n, D) video tokens, encoder_hidden_states (b, L, D) text tokens,
+        modulation (b, 6D), attn_mask bool (b, 1|n, L) True = attend, rope (n, 3) positions or
+        their `SelfAttention.rope_tables` -> (b, n, D)."""
+        cos, sin = self.attn1.rope_tables(rope, hidden_states.dtype)
         if self.attn1.core_attention is backend.attention:
-            return self._whole_block(q, kv, timestep, cos, sin, attn_mask)
-        xq, xk, xv = self._attn1_inputs(q, timestep, cos, sin)
-        attn = self.attn1.core_attention(xq, xk, xv)
-        return self._after_attn1(q, attn, kv, timestep, attn_mask)
+            return self.whole_block(hidden_states, encoder_hidden_states, modulation, cos, sin, attn_mask)
+        q, k, v = self.attn1_inputs(hidden_states, modulation, cos, sin)
+        attn = self.attn1.core_attention(q, k, v)
+        return self.after_attn1(hidden_states, attn, encoder_hidden_states, modulation, attn_mask)
 
 
 class PatchEmbed(nn.Cell):

@@ -10,7 +10,7 @@ The forward is split into named steps so that parallel code can drive it from
 outside without this file knowing about ranks:
 
     e = model.embed(...)                          # first pipeline stage
-    x = model.block_forward(e.hidden_states, e.encoder_hidden_states, e.timestep,
+    x = model.block_forward(e.hidden_states, e.encoder_hidden_states, e.modulation,
                             e.rope_grid, e.attn_mask, blocks=range(i, j))   # every stage
     out = model.final_layer(x, e.embedded_timestep, e.frames, e.height, e.width)  # last stage
 
@@ -21,27 +21,16 @@ entered around block i that gives the cell computing it (default: block i
 itself); weight streaming (stepvideo/streaming.py) puts block i's weights in
 place there and gives the cell whose parameters hold them.
 
-Speed: `model.set_jit(True)` compiles the embeddings, each block's compute
-around that hook and the output layer (one compile per input shape; same
-numbers as the eager default); `block_forward` makes the RoPE tables once.
-See docs/performance.md.
+Compiling: `model.set_jit(True)` is the one switch. The patch embedding, the text
+projection, each block's pieces around the attention hook and the output layer
+are `layers.jit_method`s, so `construct` and a pipeline stage calling `embed`,
+`block_forward` or `final_layer` from outside run the same compiled graphs (one
+compile per input shape; the numbers are the eager path's).
 
 Text conditioning: the CLIP tokens come first, then the Step-LLM tokens. The
 attention mask is used only through its per-row counts: valid tokens are
 assumed to be a prefix, the first max(count) key/value positions are kept and
-row b attends to its first count[b] positions.
-
-Differences from the original, none of which changes a number:
-- The valid-token counts are summed in integers. The original summed the mask
-  in the model dtype, so in bf16 counts above 256 were rounded (e.g. 257 -> 256).
-- No position cache keyed by batch size in RoPE (see `rope.py`): the same
-  instance can be called with batch 2 (CFG) and then batch 1.
-- The cross-attention mask is returned as (b, 1, L_kv) and broadcast over the
-  queries instead of being materialised as (b, n, L_kv).
-- `attention_type`, `dropout` and `norm_type` are config fields only (as in
-  the original, where dropout/norm_type are unused and attention_type only picks
-  the single-process or xfuser attention kernel); `use_additional_conditions=True`
-  is rejected because no published checkpoint uses it.
+row b attends to its first count[b] positions. The counts are summed in integers.
 """
 from __future__ import annotations
 
@@ -56,7 +45,7 @@ from mindspore import Tensor, nn, ops
 
 from stepvideo import backend
 from stepvideo.checkpoint import PretrainedMixin
-from stepvideo.layers import LayerNorm, Linear, lazy_parameter
+from stepvideo.layers import LayerNorm, Linear, jit_method, lazy_parameter
 from stepvideo.modules.blocks import PatchEmbed, StepVideoTransformerBlock
 from stepvideo.modules.normalization import AdaLayerNormSingle, PixArtAlphaTextProjection
 from stepvideo.modules.rope import RoPE3D
@@ -69,12 +58,17 @@ class Embedded:
     hidden_states: Tensor  # (b, f*h*w, D) video tokens, frame-major
     encoder_hidden_states: Tensor  # (b, L_kv, D) CLIP then LLM tokens, cut to the longest valid row
     attn_mask: Tensor  # (b, 1, L_kv) bool, True = attend
-    timestep: Tensor  # (b, 6D) block modulation
-    embedded_timestep: Tensor  # (b, D) output modulation
+    modulation: Tensor  # (b, 6D) the blocks' adaLN modulation
+    embedded_timestep: Tensor  # (b, D) the output layer's modulation input
     rope_grid: Tensor  # (f*h*w, 3) int32 (frame, row, col) of each token
     frames: int  # token grid after patching
     height: int
     width: int
+
+    @property
+    def timestep(self) -> Tensor:
+        """`modulation` under the original's name (its blocks take it as `timestep`)."""
+        return self.modulation
 
 
 def _shape_error(name: str, expected: str, value: Tensor) -> ValueError:
@@ -133,7 +127,7 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         self.caption_norm = LayerNorm(caption_channel, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.caption_projection = PixArtAlphaTextProjection(in_features=caption_channel, hidden_size=self.inner_dim)
         self.block_hook = self.resident_block  # (block index) -> context giving its cell; see the module docstring
-        self.set_jit(False)
+        self.jit_enabled = False
 
     @property
     def dtype(self) -> ms.dtype:
@@ -141,6 +135,7 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
 
     # ----------------------------------------------------------------------- 1. inputs
 
+    @jit_method
     def patchfy(self, hidden_states: Tensor) -> Tensor:
         """(b, f, c, h, w) -> (b*f, (h/p)*(w/p), D): each frame's patches, row-major."""
         b, f, c, h, w = hidden_states.shape
@@ -152,7 +147,7 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         encoder_attention_mask (b, L_kv) 0/1 (valid tokens first), encoder_hidden_states (b, L_kv, D)
         -> (encoder_hidden_states (b, max_count, D), mask (b, 1, max_count) bool).
         """
-        # Counted in integers (the original summed in the model dtype: bf16 rounds counts > 256).
+        # Counted in integers: summed in bf16, counts above 256 would be rounded.
         counts = encoder_attention_mask.astype(ms.int32).sum(axis=1).asnumpy().astype(np.int64)
         if counts.min() < 1:
             raise ValueError(f"encoder_attention_mask: every row needs at least one valid token, "
@@ -193,6 +188,7 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
                              f"tokens), got "
                              f"{None if encoder_attention_mask is None else tuple(encoder_attention_mask.shape)}")
 
+    @jit_method
     def project_text(self, encoder_hidden_states: Tensor, encoder_hidden_states_2: Optional[Tensor] = None) -> Tensor:
         """(b, L, C_llm) [+ (b, L_clip, C_clip)] -> (b, L_clip + L, D): CLIP tokens first, then the LLM tokens."""
         text = self.caption_projection(self.caption_norm(encoder_hidden_states.astype(self.dtype)))
@@ -209,25 +205,29 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         b, frames, _, h, w = hidden_states.shape
         height, width = h // self.patch_size, w // self.patch_size
 
-        tokens = self._patchfy(hidden_states.astype(self.dtype))  # (b*f, h*w, D)
+        tokens = self.patchfy(hidden_states.astype(self.dtype))  # (b*f, h*w, D)
         tokens = tokens.reshape(b, frames * height * width, self.inner_dim)
 
         # Kept eager: compiled, the x1000 timestep phases round differently (1e-5 on the output).
         modulation, embedded_timestep = self.adaln_single(timestep)
         text, attn_mask = self.prepare_attn_mask(encoder_attention_mask,
-                                                 self._project_text(encoder_hidden_states, encoder_hidden_states_2))
+                                                 self.project_text(encoder_hidden_states, encoder_hidden_states_2))
 
         return Embedded(hidden_states=tokens, encoder_hidden_states=text, attn_mask=attn_mask,
-                        timestep=modulation, embedded_timestep=embedded_timestep,
+                        modulation=modulation, embedded_timestep=embedded_timestep,
                         rope_grid=RoPE3D.position_grid(frames, height, width),
                         frames=frames, height=height, width=width)
 
     # ----------------------------------------------------------------------- 2. blocks
 
-    def block_forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, timestep: Tensor,
+    def block_forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, modulation: Tensor,
                       rope_grid: Tensor, attn_mask: Optional[Tensor] = None,
                       blocks: Optional[range] = None) -> Tensor:
-        """Run the blocks `blocks` (a contiguous range of indices; default all) on (b, n, D) tokens."""
+        """Run the blocks `blocks` (a contiguous range of indices; default all) on the video tokens.
+
+        hidden_states (b, n, D), encoder_hidden_states (b, L, D), modulation (b, 6D), rope_grid (n, 3)
+        int positions, attn_mask (b, 1|n, L) bool True = attend -> (b, n, D).
+        """
         blocks = range(len(self.transformer_blocks)) if blocks is None else blocks
         if not isinstance(blocks, range) or blocks.step != 1 or \
                 (len(blocks) and (blocks.start < 0 or blocks.stop > len(self.transformer_blocks))):
@@ -238,8 +238,8 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
             rope = self.transformer_blocks[blocks.start].attn1.rope_tables(rope_grid, hidden_states.dtype)
         for i in blocks:
             with self.block_hook(i) as block:
-                hidden_states = block(hidden_states, encoder_hidden_states, timestep=timestep, attn_mask=attn_mask,
-                                      rope_grid=rope)
+                hidden_states = block(hidden_states, encoder_hidden_states, modulation=modulation, attn_mask=attn_mask,
+                                      rope=rope)
         return hidden_states
 
     def resident_block(self, index: int) -> contextlib.AbstractContextManager:
@@ -247,18 +247,16 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
         return contextlib.nullcontext(self.transformer_blocks[index])
 
     def set_jit(self, enabled: bool) -> "StepVideoModel":
-        """Run the input embeddings, each block's compute (see `StepVideoTransformerBlock.set_jit`) and the
-        output layer as compiled graphs, one compile per input shape; the numbers are the eager path's."""
+        """Run the patch embedding, the text projection, each block's pieces and the output layer as
+        compiled graphs (one compile per input shape) or eagerly; the numbers are the eager path's."""
         self.jit_enabled = enabled
-        self._patchfy = ms.jit(self.patchfy) if enabled else self.patchfy
-        self._project_text = ms.jit(self.project_text) if enabled else self.project_text
-        self._final_layer = ms.jit(self.final_layer) if enabled else self.final_layer
         for block in self.transformer_blocks:
             block.set_jit(enabled)
         return self
 
     # ----------------------------------------------------------------------- 3. output
 
+    @jit_method
     def final_layer(self, hidden_states: Tensor, embedded_timestep: Tensor, frames: int, height: int,
                     width: int) -> Tensor:
         """(b, f*h*w, D) tokens -> (b, f, c_out, h*p, w*p): output norm, modulation, projection, unpatchify."""
@@ -281,6 +279,6 @@ class StepVideoModel(nn.Cell, ConfigMixin, PretrainedMixin):
                   encoder_attention_mask: Optional[Tensor] = None, return_dict: bool = True):
         e = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                        encoder_hidden_states_2)
-        x = self.block_forward(e.hidden_states, e.encoder_hidden_states, e.timestep, e.rope_grid, e.attn_mask)
-        output = self._final_layer(x, e.embedded_timestep, e.frames, e.height, e.width)
+        x = self.block_forward(e.hidden_states, e.encoder_hidden_states, e.modulation, e.rope_grid, e.attn_mask)
+        output = self.final_layer(x, e.embedded_timestep, e.frames, e.height, e.width)
         return {"x": output} if return_dict else output

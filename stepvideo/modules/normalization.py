@@ -4,13 +4,7 @@ Parameter names follow the checkpoint (`adaln_single.emb.timestep_embedder.linea
 `caption_projection.linear_2.bias`, ...).
 
 `RMSNorm` is re-exported from `stepvideo.layers` (normalise in fp32, cast back,
-then scale), which is the original's `normalization.RMSNorm`.
-
-Left out on purpose: the original's `TimestepEmbedding.cond_proj` / `post_act`
-(never enabled in this model) and the `use_additional_conditions` branch of
-`PixArtAlphaCombinedTimestepSizeEmbeddings` (resolution / frame-count / fps
-embedders; no published Step-Video checkpoint enables it, so `StepVideoModel`
-rejects that config value instead of carrying untested weights).
+then scale).
 """
 from __future__ import annotations
 

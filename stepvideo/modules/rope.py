@@ -14,22 +14,13 @@ tokens are frame-major, then row-major inside a frame.
 
 The positions travel as an explicit integer grid (n, 3) so that a sequence-
 parallel caller can slice tokens and grid alike; `__call__(tokens, [f, h, w])`
-is the original's convenience form.
+builds the grid itself. Nothing depends on the batch size. `F0` and
+`scaling_factor` are accepted and unused, as in the checkpoint's code.
 
-Differences from the original, all without changing numbers in fp32:
-- No position cache keyed by (f, h, w): the original cached the grid already
-  expanded to the first caller's batch size, so a later call with another batch
-  size (2 for CFG, then 1) failed. Nothing here depends on the batch size.
-- The original's `parallel` flag (slice the grid by the sequence-parallel rank
-  inside RoPE) is replaced by `apply(tokens, grid_slice, ch_split)`: the caller
-  slices the grid together with the tokens.
-- `F0` and `scaling_factor` are kept for signature compatibility; the original
-  stores them and never uses them, and so does this class.
-
-Kept on purpose: the angles are computed in fp32 and then cast to the tokens'
+The angles are computed in fp32 and then cast to the tokens'
 dtype *before* cos/sin, as the original does. In fp32 this is exact; in bf16
 (Ascend) it rounds angles of tens of radians to steps of ~0.25 rad, which is
-what the published model was run with, so we reproduce it rather than "fix" it.
+what the published model was run with.
 """
 from __future__ import annotations
 

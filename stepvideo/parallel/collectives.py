@@ -8,6 +8,8 @@ Two implementations, chosen by the backend:
   verified in ../shared/notes/mindspore-cpu.md §4.3: all-gather-then-slice for
   Ulysses (K x memory for the gathered tensor, fine at test sizes) and a
   broadcast inside a two-rank link group for the hand-off.
+Both sum the tensor-parallel partial outputs with MindSpore's all-reduce (`tp_all_reduce`
+eagerly; `ops.AllReduce` inside compiled blocks, see tensor.py), which CPU has for subgroups.
 
 Groups are created once, in one global order, by their members only (a rank
 that asks for a group it is not in dies in WaitCommInitDone on MindSpore).
@@ -60,25 +62,33 @@ def payload_bytes(tensors) -> int:
 
 
 class Collectives:
-    """Communication for one rank of a `Mesh`. Subclasses provide the device-specific transport."""
+    """Communication for one rank of a `Mesh`. Subclasses provide the device-specific transport.
 
-    def __init__(self, mesh: Mesh):
+    comm: the module whose functions are called (`mindspore.mint.distributed`'s API; the backend's
+    kernel table names it, so a table can supply another implementation of the same API).
+    """
+
+    def __init__(self, mesh: Mesh, comm=md):
         self.mesh = mesh
+        self.comm = comm
         self.stats: Dict[str, OpStats] = {}
         self.sp_group: Optional[str] = None
+        self.tp_group: Optional[str] = None
         self.link_groups: Dict[int, str] = {}  # peer rank -> group name
         for ranks in mesh.sp_groups():
             if mesh.ulysses_degree > 1 and mesh.rank in ranks:
                 self.sp_group = self._new_group(ranks)
+        for ranks in mesh.tp_groups():
+            if mesh.tp_degree > 1 and mesh.rank in ranks:
+                self.tp_group = self._new_group(ranks)
         if self._needs_link_groups():
             for ranks in mesh.link_groups():
                 if mesh.rank in ranks:
                     peer = ranks[1] if ranks[0] == mesh.rank else ranks[0]
                     self.link_groups[peer] = self._new_group(ranks)
 
-    @staticmethod
-    def _new_group(ranks: List[int]) -> str:
-        return md.new_group(ranks)
+    def _new_group(self, ranks: List[int]) -> str:
+        return self.comm.new_group(ranks)
 
     def _needs_link_groups(self) -> bool:
         return False
@@ -88,6 +98,12 @@ class Collectives:
         entry.calls += 1
         entry.bytes += nbytes
         entry.seconds += time.perf_counter() - started
+
+    def record_in_graph(self, op: str, nbytes: int, calls: int) -> None:
+        """Count a collective that ran inside a compiled graph (its time is part of the graph's)."""
+        entry = self.stats.setdefault(op, OpStats())
+        entry.calls += calls
+        entry.bytes += nbytes
 
     def snapshot(self) -> Dict[str, OpStats]:
         """A copy of the counters (subtract two snapshots to get the traffic of a section)."""
@@ -101,7 +117,7 @@ class Collectives:
             return x
         started = time.perf_counter()
         parts = [ops.zeros_like(x) for _ in range(self.mesh.ulysses_degree)]
-        md.all_gather(parts, x.contiguous(), group=self.sp_group)
+        self.comm.all_gather(parts, x.contiguous(), group=self.sp_group)
         out = mint.cat(parts, dim=dim)
         self._record("sp_all_gather", payload_bytes(x), started)
         return out
@@ -124,6 +140,18 @@ class Collectives:
 
     def _all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
         raise NotImplementedError
+
+    # ----- tensor parallel (the ranks holding the other head / FFN slices of the same tokens)
+
+    def tp_all_reduce(self, x: Tensor) -> Tensor:
+        """The sum of `x` over the tensor-parallel group (every rank gets it)."""
+        if self.mesh.tp_degree == 1:
+            return x
+        started = time.perf_counter()
+        out = x.contiguous()
+        md.all_reduce(out, group=self.tp_group)
+        self._record("tp_all_reduce", payload_bytes(x), started)
+        return out
 
     # ----- pipeline hand-off (to the same SP position of the next/previous stage)
 
@@ -154,7 +182,7 @@ class Collectives:
         return out
 
     def barrier(self) -> None:
-        md.barrier()
+        self.comm.barrier()
 
     # ----- helpers: a dict of tensors travels as a JSON header (names, dtypes, shapes) + payloads
 
@@ -162,14 +190,14 @@ class Collectives:
         is_src = self.mesh.rank == src
         header = _encode_header(tensors) if is_src else None
         length = Tensor(np.array([len(header) if is_src else 0], np.int32))
-        md.broadcast(length, src, group=group)
+        self.comm.broadcast(length, src, group=group)
         raw = Tensor(np.frombuffer(header, np.uint8).copy()) if is_src else \
             Tensor(np.zeros(int(length.asnumpy()[0]), np.uint8))
-        md.broadcast(raw, src, group=group)
+        self.comm.broadcast(raw, src, group=group)
         out = {}
         for name, dtype, shape in _decode_header(raw):
             buf = _to_wire(tensors[name]) if is_src else _empty(shape, dtype)
-            md.broadcast(buf, src, group=group)
+            self.comm.broadcast(buf, src, group=group)
             out[name] = tensors[name] if is_src else _from_wire(buf, dtype)
         return out
 
@@ -213,7 +241,7 @@ class CpuCollectives(Collectives):
     def _all_to_all(self, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
         u = self.mesh.ulysses_degree
         gathered = [ops.zeros_like(x) for _ in range(u)]
-        md.all_gather(gathered, x.contiguous(), group=self.sp_group)
+        self.comm.all_gather(gathered, x.contiguous(), group=self.sp_group)
         mine = [mint.chunk(part, u, dim=scatter_dim)[self.mesh.sp_rank].contiguous() for part in gathered]
         return mint.cat(mine, dim=gather_dim)
 
@@ -231,28 +259,30 @@ class NativeCollectives(Collectives):
         u = self.mesh.ulysses_degree
         inputs = [part.contiguous() for part in mint.chunk(x, u, dim=scatter_dim)]
         outputs = [ops.zeros_like(inputs[0]) for _ in range(u)]
-        md.all_to_all(outputs, inputs, group=self.sp_group)
+        self.comm.all_to_all(outputs, inputs, group=self.sp_group)
         return mint.cat(outputs, dim=gather_dim)
 
     def _send(self, tensors: Dict[str, Tensor], dst: int) -> None:
         header = _encode_header(tensors)
-        md.send(Tensor(np.array([len(header)], np.int32)), dst)
-        md.send(Tensor(np.frombuffer(header, np.uint8).copy()), dst)
+        self.comm.send(Tensor(np.array([len(header)], np.int32)), dst)
+        self.comm.send(Tensor(np.frombuffer(header, np.uint8).copy()), dst)
         for value in tensors.values():
-            md.send(_to_wire(value), dst)
+            self.comm.send(_to_wire(value), dst)
 
     def _recv(self, src: int) -> Dict[str, Tensor]:
         length = Tensor(np.zeros(1, np.int32))
-        md.recv(length, src)
+        self.comm.recv(length, src)
         raw = Tensor(np.zeros(int(length.asnumpy()[0]), np.uint8))
-        md.recv(raw, src)
+        self.comm.recv(raw, src)
         out = {}
         for name, dtype, shape in _decode_header(raw):
             buf = _empty(shape, dtype)
-            md.recv(buf, src)
+            self.comm.recv(buf, src)
             out[name] = _from_wire(buf, dtype)
         return out
 
 
 def make_collectives(mesh: Mesh) -> Collectives:
-    return NativeCollectives(mesh) if backend.on_ascend() else CpuCollectives(mesh)
+    """The collectives of the active kernel table (`backend.Kernels.native_collectives` and `.comm`)."""
+    table = backend.kernels()
+    return NativeCollectives(mesh, table.comm) if table.native_collectives else CpuCollectives(mesh, table.comm)

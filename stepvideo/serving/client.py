@@ -9,8 +9,9 @@ A URL may be a host (the service's default port: caption 5000, VAE 5001), `host:
 `[ipv6]` / `[ipv6]:port`, or a full URL `http(s)://host[:port][/path]` (taken literally:
 no port means the scheme's; a path is a prefix unless it already ends with the endpoint).
 
-While a service is still loading its models it refuses connections; the client
-retries for up to `connect_wait` seconds, saying so, then fails with a message
+While a service is starting it refuses connections, and while it loads its
+models it answers 503 {"status": "loading"}; in both cases the client retries
+for up to `connect_wait` seconds, saying so once, then fails with a message
 that names the service and the URL. Any error from the service (4xx: the request
 was wrong; 5xx: the model failed) raises `ServiceError` with the server's own
 message.
@@ -149,7 +150,7 @@ class _RemoteService:
         while True:
             try:
                 request = self._client.build_request(method, url, **kwargs)
-                return self._client.send(request, stream=True)
+                response = self._client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -168,6 +169,30 @@ class _RemoteService:
                                    "raise the client's timeout for long decodes") from None
             except httpx.HTTPError as e:
                 raise ServiceError(self.service, url, f"request failed: {type(e).__name__}: {e}") from None
+            else:
+                if response.status_code != 503:
+                    return response
+                message, loading = self._unavailable(response)
+                left = deadline - time.monotonic()
+                if not loading or left <= 0:
+                    raise ServiceError(self.service, url, message if not loading else
+                                       f"still loading its models after waiting {self.connect_wait:g} s", 503)
+                if not warned:
+                    log.warning("%s service at %s is still loading its models; retrying for up to %g s",
+                                self.service, url, self.connect_wait)
+                    warned = True
+                time.sleep(min(self.retry_interval, max(left, 0.0)))
+
+    def _unavailable(self, response: httpx.Response) -> tuple:
+        """(message, loading) of a 503 answer; loading: the service says it is still loading its models."""
+        body = self._read(response, _MAX_ERROR_BYTES)
+        try:
+            answer = json.loads(bytes(body).decode("utf-8"))
+        except ValueError:
+            return bytes(body[:500]).decode("utf-8", "replace") or response.reason_phrase, False
+        if not isinstance(answer, dict):
+            return str(answer)[:500], False
+        return str(answer.get("error", answer)), answer.get("status") == "loading"
 
     def _read(self, response: httpx.Response, limit: int) -> bytearray:
         """The answer's body, at most `limit` bytes.

@@ -8,11 +8,9 @@ One implementation for the caption service and the in-process pipeline:
     out["y_mask"]          # (b, 77 + 320) int64: 77 ones for the CLIP tokens, then the Step-LLM mask
     out["clip_embedding"]  # (b, 77, H_clip) compute dtype: CLIP's last hidden state
 
-As in the original caption server, every CLIP position counts as valid
-(including its [PAD] tokens): the DiT puts the CLIP tokens before the Step-LLM
-tokens and uses the mask only through each row's count. The original cast the
-CLIP embedding to bf16, the DiT's dtype on GPU; here it is cast to the compute
-dtype (bf16 on Ascend, float32 on CPU), which is the DiT's dtype on each device.
+Every CLIP position counts as valid (including its [PAD] tokens): the DiT puts
+the CLIP tokens before the Step-LLM tokens and uses the mask only through each
+row's count. The CLIP embedding is cast to the compute dtype (the DiT's dtype).
 """
 from __future__ import annotations
 

@@ -3,15 +3,14 @@
     clip = HunyuanClip("<model_dir>/hunyuan_clip", max_length=77)
     last_hidden_state, pooler_output = clip(["a cat", ""])     # (b, 77, 1024), (b, 1024) float32
 
-Folder layout (as the original expects, with the weights converted to safetensors
-by `convert.py`):
+Folder layout (the checkpoint's, with the weights converted to safetensors by `convert.py`):
 
     hunyuan_clip/clip_text_encoder/{config.json, model.safetensors}
     hunyuan_clip/tokenizer/{vocab.txt, tokenizer_config.json, special_tokens_map.json}
 
 `BertModel` is our own small encoder with the semantics and parameter names of
 transformers' `BertModel` (post-LN layers, GELU with erf, pooler on [CLS]). It
-computes in float32 on every device, as the original serves it. Tokenisation is
+computes in float32 on every device. Tokenisation is
 transformers' python `BertTokenizer` (no torch needed): lower-case, accents
 stripped, CJK split, WordPiece, [CLS] ... [SEP], truncated and padded to
 max_length with [PAD]; token types are all zero.
@@ -82,13 +81,15 @@ class BertSelfAttention(nn.Cell):
         self.query = Linear(hidden_size, hidden_size, dtype=FP32)
         self.key = Linear(hidden_size, hidden_size, dtype=FP32)
         self.value = Linear(hidden_size, hidden_size, dtype=FP32)
+        # Called as core_attention(q, k, v, mask=keep), each (b, s, heads, head_dim) fp32; replaceable.
+        self.core_attention = backend.attention
 
     def construct(self, x: Tensor, keep: Optional[Tensor]) -> Tensor:
         """x (b, s, hidden), keep (b, 1, s) bool (True = attend) or None -> (b, s, hidden)."""
         b, s, hidden = x.shape
         heads = (b, s, self.num_heads, hidden // self.num_heads)
-        out = backend.attention(self.query(x).reshape(heads), self.key(x).reshape(heads),
-                                self.value(x).reshape(heads), mask=keep)
+        out = self.core_attention(self.query(x).reshape(heads), self.key(x).reshape(heads),
+                                  self.value(x).reshape(heads), mask=keep)
         return out.contiguous().reshape(b, s, hidden)
 
 

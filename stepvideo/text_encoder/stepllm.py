@@ -14,21 +14,15 @@ final norm; its parameter names are the checkpoint keys:
     transformer.layers.N.feed_forward.w1.weight                 (2 * ffn, hidden): [gate | up]
     transformer.layers.N.feed_forward.w2.weight                 (hidden, ffn)
 
-Attention (the original's CUDA-only "Optimus" kernel, computed here with the
-backend's attention and an additive bias): grouped-query, causal, scale
-1/sqrt(head_dim), plus an ALiBi bias with square-root distance,
+Attention (through `MultiQueryAttention.core_attention`, default `backend.attention`
+with an additive bias): grouped-query, causal, scale 1/sqrt(head_dim), plus an
+ALiBi bias with square-root distance,
 
     score[h, i, j] = q_i . k_j / sqrt(d) - slope_h * sqrt(i - j)     (j <= i).
 
-The padding mask is not used, as in the original: padding is on the right and
-attention is causal, so valid positions never see padded ones; padded positions
-are computed like any other token.
-
-Differences from the original, none of which changes a number: the model runs
-batch-first (the original ran sequence-first and transposed at the end); the
-tokenizer returns numpy arrays; `LLaMaEmbedding` lives here instead of in
-`tokenizer.py`; an attention mask that is not right-padding is refused instead
-of silently ignored.
+The padding mask is not used: padding is on the right and attention is causal,
+so valid positions never see padded ones; padded positions are computed like any
+other token. A mask that is not right padding is refused. The model runs batch-first.
 """
 from __future__ import annotations
 
@@ -92,22 +86,24 @@ class MultiQueryAttention(nn.Cell):
         self.head_dim = hidden_size // num_heads
         self.wqkv = Linear(hidden_size, hidden_size + 2 * num_groups * self.head_dim, bias=False)
         self.wo = Linear(hidden_size, hidden_size, bias=False)
+        # Called as core_attention(q, k, v, causal=True, bias=alibi), each (b, s, heads, head_dim); replaceable.
+        self.core_attention = backend.attention
 
     def construct(self, x: Tensor, alibi: Tensor) -> Tensor:
         """x (b, s, hidden), alibi (1, heads, s, s) -> (b, s, hidden)."""
         b, s, hidden = x.shape
         hd, groups = self.head_dim, self.num_groups
-        xqkv = self.wqkv(x)
-        xq = xqkv[..., :hidden].contiguous().reshape(b, s, self.num_heads, hd)
-        xkv = xqkv[..., hidden:].contiguous().reshape(b, s, groups, 2 * hd)
-        xk = xkv[..., :hd].contiguous()  # (b, s, groups, hd)
-        xv = xkv[..., hd:].contiguous()
+        qkv = self.wqkv(x)
+        q = qkv[..., :hidden].contiguous().reshape(b, s, self.num_heads, hd)
+        kv = qkv[..., hidden:].contiguous().reshape(b, s, groups, 2 * hd)
+        k = kv[..., :hd].contiguous()  # (b, s, groups, hd)
+        v = kv[..., hd:].contiguous()
         # Query head h reads KV group h // (heads / groups): repeat each group for its heads.
         per_group = self.num_heads // groups
         if per_group > 1:
-            xk = xk.expand_dims(3).broadcast_to((b, s, groups, per_group, hd)).reshape(b, s, self.num_heads, hd)
-            xv = xv.expand_dims(3).broadcast_to((b, s, groups, per_group, hd)).reshape(b, s, self.num_heads, hd)
-        out = backend.attention(xq, xk, xv, causal=True, bias=alibi).contiguous()
+            k = k.expand_dims(3).broadcast_to((b, s, groups, per_group, hd)).reshape(b, s, self.num_heads, hd)
+            v = v.expand_dims(3).broadcast_to((b, s, groups, per_group, hd)).reshape(b, s, self.num_heads, hd)
+        out = self.core_attention(q, k, v, causal=True, bias=alibi).contiguous()
         return self.wo(out.reshape(b, s, hidden))
 
 

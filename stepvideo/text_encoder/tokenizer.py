@@ -6,19 +6,14 @@
     t.attention_mask   # (b, 320) int64: 1 on the valid (non-pad) positions
     t.cu_seqlens       # (b + 1,) int32: cumsum([0] + valid lengths)
 
-Behaviour kept from the original (checked by the golden fixtures):
+Contract (checked by the golden fixtures):
 - BOS = 1, EOS = 2 and PAD = 2 are fixed numbers, not read from the model file.
 - Always truncates to max_length - 2 pieces and always pads to max_length.
 - "" gives [BOS, EOS, PAD, ...]; an empty list of prompts gives one such row.
 - The model file must define the chat control tokens (<|BOT|>, <|EOT|>, ...) as
-  control symbols and the mask tokens at all, as the original asserts.
-
-Differences, none of which changes a number: results are numpy arrays (the model
-code turns them into tensors), a bare string is one prompt (the original split it
-into characters; its only caller wrapped strings in a list first), and bad input
-raises TypeError/ValueError naming what is wrong instead of failing inside
-sentencepiece. `LLaMaEmbedding`, which the original kept in this file, lives with
-the model in `stepllm.py`.
+  control symbols and the mask tokens at all.
+- Results are numpy arrays; a bare string is one prompt; bad input raises
+  TypeError/ValueError naming what is wrong.
 """
 from __future__ import annotations
 

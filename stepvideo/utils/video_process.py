@@ -17,6 +17,7 @@ import re
 import subprocess
 import unicodedata
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -116,30 +117,47 @@ def read_mp4(path: os.PathLike | str) -> tuple[np.ndarray, float]:
     return frames.reshape(-1, h, w, 3), fps
 
 
+def video_frames(video: np.ndarray, crop2standard540p: bool = True) -> list:
+    """(b, frames, 3, H, W) floats -> one (frames, H', W', 3) uint8 array per video, each cropped to 540p."""
+    out = []
+    for one in video:
+        frames = to_uint8_frames(one[None])
+        out.append(crop_to_540p(frames) if crop2standard540p else frames)
+    return out
+
+
 class VideoProcessor:
     """Post-processing and saving, with the original's constructor arguments."""
+
+    # A video's files: the mp4 and, written before decoding, its latents.
+    EXTENSIONS = ("mp4", "safetensors")
 
     def __init__(self, save_path: str = "./results", name_suffix: str = ""):
         self.save_path = Path(save_path)
         self.name_suffix = name_suffix
 
-    def output_path(self, output_file_name: str, output_type: str = "mp4") -> Path:
+    def name_stamp(self) -> str:
+        """The part after the prompt in file names: --name_suffix, or the date and time."""
+        return safe_stem(self.name_suffix) if self.name_suffix else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    def output_stem(self, output_file_name: str, stamp: Optional[str] = None) -> Path:
+        """save_path/<name>-<stamp>[-n]: no file of that stem exists with any of `EXTENSIONS`."""
         stem = safe_stem(output_file_name)
-        suffix = safe_stem(self.name_suffix) if self.name_suffix else \
-            datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        candidate = self.save_path / f"{stem}-{suffix}.{output_type}"
+        suffix = stamp or self.name_stamp()
+        candidate = self.save_path / f"{stem}-{suffix}"
         n = 1
-        while candidate.exists():
-            candidate = self.save_path / f"{stem}-{suffix}-{n}.{output_type}"
+        while any(Path(f"{candidate}.{ext}").exists() for ext in self.EXTENSIONS):
+            candidate = self.save_path / f"{stem}-{suffix}-{n}"
             n += 1
         return candidate
 
+    def output_path(self, output_file_name: str, output_type: str = "mp4") -> Path:
+        return Path(f"{self.output_stem(output_file_name)}.{output_type}")
+
     def postprocess_video(self, video: np.ndarray, output_file_name: str = "", output_type: str = "mp4",
                           crop2standard540p: bool = True) -> Path:
-        frames = to_uint8_frames(video)
-        if crop2standard540p:
-            frames = crop_to_540p(frames)
+        """The original's call: the videos of a batch stacked along the height (each cropped on its own)."""
+        frames = np.concatenate(video_frames(video, crop2standard540p), axis=1)
         path = write_mp4(frames, self.output_path(output_file_name, output_type))
         print(f"Saved the generated video in {path}", flush=True)
         return path
-

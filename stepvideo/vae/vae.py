@@ -24,6 +24,9 @@ All tensors inside the networks are (b, c, t, h, w). The math:
 - the temporal up-sampling resblock adds its input twice (before and after the
   final SiLU).
 
+Widths, level counts and the GroupNorm group count come from `VaeConfig` (defaults:
+the published v2 values); posterior noise comes from a numpy generator or an
+explicit array. The mid-block attention goes through `AttnBlock.core_attention`.
 Where this differs from the original (none of it changes a number): docs/porting.md.
 """
 from __future__ import annotations
@@ -322,6 +325,8 @@ class AttnBlock(nn.Cell):
         self.k = CausalConv(in_channels, in_channels, 1)
         self.v = CausalConv(in_channels, in_channels, 1)
         self.proj_out = CausalConv(in_channels, in_channels, 1)
+        # Called as core_attention(q, k, v, causal=True), each (b, t*h*w, 1, c); replaceable.
+        self.core_attention = backend.attention
 
     @staticmethod
     def _tokens(x: Tensor) -> Tensor:
@@ -333,8 +338,8 @@ class AttnBlock(nn.Cell):
         """(b, c, t, h, w) -> same shape."""
         b, c, t, h, w = x.shape
         normed = self.norm(x)
-        out = backend.attention(self._tokens(self.q(normed)), self._tokens(self.k(normed)),
-                                self._tokens(self.v(normed)), causal=True)  # (b, t*h*w, 1, c)
+        out = self.core_attention(self._tokens(self.q(normed)), self._tokens(self.k(normed)),
+                                  self._tokens(self.v(normed)), causal=True)  # (b, t*h*w, 1, c)
         out = out.reshape(b, t * h * w, c).transpose(0, 2, 1).contiguous().reshape(b, c, t, h, w)
         return self.proj_out(out) + x
 

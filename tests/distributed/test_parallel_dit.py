@@ -256,7 +256,10 @@ def test_bad_layout_stops_at_start_up_with_the_possible_layouts(model_dir, workd
     print(f"bad layout: rc {job.returncode} after {job.seconds:.1f} s")
     assert job.returncode != 0
     assert job.seconds < 30
-    assert "ulysses_degree x pp_degree = 4 x 1 = 4, but the job has 2 rank(s)" in job.console
-    assert "ulysses_degree 4 does not divide the 6 attention heads" in job.console
-    assert ("possible layouts are: --ulysses_degree 1 --pp_degree 2, --ulysses_degree 2 --pp_degree 1"
-            in job.console)
+    assert "pp x cfg x tensor x ulysses = 1 x 1 x 1 x 4 = 4, but the job has 2 rank(s)" in job.console
+    assert "heads / tensor_parallel_degree / ulysses_degree = 6 / 1 / 4 is not whole" in job.console
+    assert ("possible layouts are: --pp_degree 1 --cfg_parallel_degree 1 --tensor_parallel_degree 1 "
+            "--ulysses_degree 2; --pp_degree 1 --cfg_parallel_degree 1 --tensor_parallel_degree 2 "
+            "--ulysses_degree 1; --pp_degree 1 --cfg_parallel_degree 2 --tensor_parallel_degree 1 "
+            "--ulysses_degree 1; --pp_degree 2 --cfg_parallel_degree 1 --tensor_parallel_degree 1 "
+            "--ulysses_degree 1" in job.console)

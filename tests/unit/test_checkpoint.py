@@ -228,3 +228,75 @@ def test_loading_peak_memory_is_close_to_the_weights(tmp_path, bf16):
           f"({probe['bytes'] / 2**20:.0f} MiB loaded)")
     assert probe["bytes"] == 24 * 2048 * 2048 * 4
     assert ratio <= 1.3
+
+
+# ------------------------------------------------------------------ slices (tensor parallelism)
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read/pread syscalls so far (the kernel's count)."""
+    for line in open("/proc/self/io"):
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_read_slice_returns_the_part_of_every_axis(tmp_path, bf16):
+    from stepvideo.checkpoint import Slice, read_slice
+
+    full = rng.standard_normal((6, 10, 4)).astype(np.float32)
+    st.save_file(tmp_path / "t.safetensors", {"w": full}, bf16=["w"] if bf16 else [])
+    with st.SafetensorsFile(tmp_path / "t.safetensors") as f:
+        stored = f.read_raw("w")
+        info = f.tensors["w"]
+    for part, expected in ((Slice(0, 2, 5), stored[2:5]), (Slice(1, 3, 8), stored[:, 3:8]),
+                           (Slice(2, 1, 3), stored[:, :, 1:3])):
+        got = read_slice(tmp_path / "t.safetensors", info, part)
+        assert got.dtype == stored.dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(CheckpointError, match="does not fit tensor 'w' of shape"):
+        read_slice(tmp_path / "t.safetensors", info, Slice(1, 8, 12))
+
+
+def test_read_slice_reads_only_the_slice(tmp_path):
+    from stepvideo.checkpoint import Slice, read_slice
+
+    full = rng.standard_normal((512, 2048)).astype(np.float32)  # 4 MiB
+    st.save_file(tmp_path / "big.safetensors", {"w": full})
+    with st.SafetensorsFile(tmp_path / "big.safetensors") as f:
+        info = f.tensors["w"]
+    for part in (Slice(0, 128, 256), Slice(1, 512, 1024)):  # a quarter: rows, then columns (512 runs)
+        before = _bytes_read()
+        got = read_slice(tmp_path / "big.safetensors", info, part)
+        read = _bytes_read() - before
+        print(f"slice {tuple(part)}: read {read} bytes for a {got.nbytes}-byte slice of a {full.nbytes}-byte tensor")
+        assert got.nbytes <= read <= got.nbytes + 64 * 1024
+        np.testing.assert_array_equal(got, full[128:256] if part.axis == 0 else full[:, 512:1024])
+
+
+def test_load_weights_with_slices_fills_slice_shaped_parameters(tmp_path):
+    from stepvideo.checkpoint import Slice
+
+    full = TinyNet()
+    state = random_state(full)
+    st.save_file(tmp_path / "m.safetensors", state, bf16=list(state))
+    net = TinyNet()
+    net.blocks[0] = layers.Linear(8, 4)  # rows 4..8 of the stored (8, 8) weight and its bias
+    net.blocks[1] = layers.Linear(2, 8, bias=False)  # columns 2..4
+    slices = {"blocks.0.weight": Slice(0, 4, 8), "blocks.0.bias": Slice(0, 4, 8), "blocks.1.weight": Slice(1, 2, 4)}
+    with pytest.raises(CheckpointError, match="unexpected keys.*blocks.1.bias"):
+        load_weights(net, tmp_path / "m.safetensors", slices=slices)
+    report = load_weights(net, tmp_path / "m.safetensors", slices=slices,
+                          key_filter=lambda name: name != "blocks.1.bias")
+    stored = st.load_file(tmp_path / "m.safetensors")
+    widened = {k: st.bf16_bits_to_f32(v) if v.dtype == np.uint16 else v for k, v in stored.items()}
+    got = values(net)
+    np.testing.assert_array_equal(got["blocks.0.weight"], widened["blocks.0.weight"][4:8])
+    np.testing.assert_array_equal(got["blocks.0.bias"], widened["blocks.0.bias"][4:8])
+    np.testing.assert_array_equal(got["blocks.1.weight"], widened["blocks.1.weight"][:, 2:4])
+    np.testing.assert_array_equal(got["blocks.2.weight"], widened["blocks.2.weight"])
+    assert report.bytes == sum(v.nbytes for v in got.values())
+    with pytest.raises(CheckpointError, match=r"wrong shapes.*blocks.0.weight: file \[3, 8\] vs parameter \[4, 8\]"):
+        load_weights(net, tmp_path / "m.safetensors", key_filter=lambda name: name != "blocks.1.bias",
+                     slices={**slices, "blocks.0.weight": Slice(0, 5, 8)})

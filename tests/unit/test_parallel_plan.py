@@ -8,7 +8,7 @@ from stepvideo import backend
 from stepvideo.checkpoint import named_parameters
 from stepvideo.config import NEG_MAGIC, POS_MAGIC, parse_args
 from stepvideo.modules.model import StepVideoModel
-from stepvideo.parallel.mesh import Mesh, check_layout, possible_layouts
+from stepvideo.parallel.mesh import Layout, Mesh, check_layout, possible_layouts
 from stepvideo.parallel.pipeline import plan_stages, step_traffic
 from stepvideo.job import StartupError, check_startup
 from stepvideo.parallel.ulysses import SequenceSplit
@@ -35,17 +35,48 @@ def test_mesh_positions_and_neighbours():
 
 
 def test_layout_errors_list_the_possible_layouts():
-    assert possible_layouts(4, 48) == [(1, 4), (2, 2), (4, 1)]
-    assert possible_layouts(4, 6) == [(1, 4), (2, 2)]
+    assert possible_layouts(4, 48, 48) == [Layout(1, 1, 1, 4), Layout(1, 1, 2, 2), Layout(1, 1, 4, 1),
+                                           Layout(1, 2, 1, 2), Layout(1, 2, 2, 1), Layout(2, 1, 1, 2),
+                                           Layout(2, 1, 2, 1), Layout(2, 2, 1, 1), Layout(4, 1, 1, 1)]
+    # heads / tensor / ulysses must be whole: 6 heads rule out 4-way head splits
+    assert Layout(1, 1, 2, 2) not in possible_layouts(4, 6, 6)
+    assert Layout(2, 1, 2, 1) in possible_layouts(4, 6, 6)
     check_layout(4, 2, 2, num_heads=48, num_layers=48)
+    check_layout(8, 2, 2, num_heads=48, num_layers=48, tp_degree=2)
+    check_layout(4, 1, 1, num_heads=6, num_layers=3, tp_degree=2, cfg_degree=2)
     with pytest.raises(ValueError) as e:
         check_layout(4, 4, 1, num_heads=6, num_layers=6)
-    assert "ulysses_degree 4 does not divide the 6 attention heads" in str(e.value)
-    assert "--ulysses_degree 1 --pp_degree 4, --ulysses_degree 2 --pp_degree 2" in str(e.value)
+    assert "heads / tensor_parallel_degree / ulysses_degree = 6 / 1 / 4 is not whole" in str(e.value)
+    assert ("--pp_degree 1 --cfg_parallel_degree 1 --tensor_parallel_degree 2 --ulysses_degree 2"
+            not in str(e.value))
+    assert "--pp_degree 2 --cfg_parallel_degree 1 --tensor_parallel_degree 1 --ulysses_degree 2" in str(e.value)
+    with pytest.raises(ValueError, match="6 / 2 / 2 is not whole"):
+        check_layout(4, 2, 1, num_heads=6, num_layers=6, tp_degree=2)
     with pytest.raises(ValueError, match="= 8, but the job has 4 rank"):
         check_layout(4, 8, 1, num_heads=48, num_layers=48)
+    with pytest.raises(ValueError, match="cfg_parallel_degree must be 1 or 2"):
+        check_layout(3, 1, 1, num_heads=48, num_layers=48, cfg_degree=3)
     with pytest.raises(ValueError, match="pp_degree 4 exceeds the 3 transformer blocks"):
         check_layout(4, 1, 4, num_heads=48, num_layers=3)
+
+
+def test_four_axis_mesh_rank_order_and_groups():
+    """rank = ((stage * C + cfg) * T + tp) * U + sp: Ulysses innermost, then tensor, CFG, pipeline."""
+    ranks = [Mesh(rank=r, world_size=16, ulysses_degree=2, pp_degree=2, tp_degree=2, cfg_degree=2)
+             for r in range(16)]
+    assert [(m.stage, m.cfg_rank, m.tp_rank, m.sp_rank) for m in ranks[:8]] == [
+        (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1), (0, 1, 0, 0), (0, 1, 0, 1), (0, 1, 1, 0),
+        (0, 1, 1, 1)]
+    assert ranks[0].sp_groups()[:2] == [[0, 1], [2, 3]]
+    assert ranks[0].tp_groups()[:3] == [[0, 2], [1, 3], [4, 6]]
+    assert ranks[0].link_groups()[:2] == [[0, 8], [1, 9]]
+    assert [m.next_rank for m in ranks[:3]] == [8, 9, 10] and ranks[13].prev_rank == 5
+    assert ranks[0].output_root(0) == 8 and ranks[0].output_root(1) == 12
+    assert ranks[5].cfg_rows(2) == range(1, 2) and ranks[0].cfg_rows(2) == range(0, 1)
+    assert ranks[0].cfg_rows(4) == range(0, 2) and ranks[4].cfg_rows(1) == range(1, 1)
+    # every rank is in exactly one group of each axis
+    for groups in (ranks[0].sp_groups(), ranks[0].tp_groups()):
+        assert sorted(r for g in groups for r in g) == list(range(16))
 
 
 # ------------------------------------------------------------------------------ stages
@@ -190,11 +221,18 @@ def test_startup_checks_run_before_joining_a_job(tmp_path, monkeypatch):
     with pytest.raises(StartupError, match="layer split \\[3, 3\\] must have 2 positive entries summing to 7"):
         check_startup(parse_args(["--model_dir", folder, "--prompt", "x", "--ulysses_degree", "3",
                                   "--pp_degree", "2", "--layer_split", "3,3"]))
-    with pytest.raises(StartupError, match="possible layouts are: --ulysses_degree 1 --pp_degree 6, "
-                                           "--ulysses_degree 2 --pp_degree 3, --ulysses_degree 3 --pp_degree 2, "
-                                           "--ulysses_degree 6 --pp_degree 1"):
+    with pytest.raises(StartupError, match="possible layouts are: --pp_degree 1 --cfg_parallel_degree 1 "
+                                           "--tensor_parallel_degree 1 --ulysses_degree 6; --pp_degree 1 "
+                                           "--cfg_parallel_degree 1 --tensor_parallel_degree 2 --ulysses_degree 3;"):
         check_startup(parse_args(["--model_dir", folder, "--prompt", "x", "--ulysses_degree", "4",
                                   "--pp_degree", "1"]))
+    check_startup(parse_args(["--model_dir", folder, "--prompt", "x", "--ulysses_degree", "1",
+                              "--tensor_parallel_degree", "3", "--cfg_parallel_degree", "2"]))
+    with pytest.raises(SystemExit):  # argparse: CFG has two rows
+        parse_args(["--cfg_parallel_degree", "3"])
+    with pytest.raises(StartupError, match="--offload blocks streams whole blocks"):
+        check_startup(parse_args(["--model_dir", folder, "--prompt", "x", "--ulysses_degree", "1",
+                                  "--tensor_parallel_degree", "2", "--pp_degree", "3", "--offload", "blocks"]))
 
 
 def test_distributed_dit_has_the_model_call_signature():

@@ -100,9 +100,10 @@ def test_noise_comes_from_numpy_and_is_reproducible(pipe):
 
 def test_mp4_output_is_written_and_readable(pipe):
     out = pipe("a cat / on grass", seed=1, progress=False, output_file_name="a cat / on grass", **SMALL)
-    frames, fps = read_mp4(out.video)
+    (video,) = out.video  # one path per video
+    frames, fps = read_mp4(video)
     assert frames.shape == (17, 32, 48, 3) and fps == 25.0
-    assert "/" not in out.video.rsplit("/", 1)[-1].replace(".mp4", "")
+    assert "/" not in video.rsplit("/", 1)[-1].replace(".mp4", "")
 
 
 def test_np_output_gives_the_uint8_frames(pipe):
