@@ -89,7 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "them (memory: embeddings + 2 layers instead of 48; same numbers, each request then "
                              "reads the layers again)")
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    add_limit_arguments(parser)
     args = parser.parse_args(argv)
+    check_limit_arguments(parser, args)
     # Both named True is a deliberate request for one process with both models: warn about memory.
     args.warn_memory = args.enable_llm is True and args.enable_vae is True
     args.enable_llm, args.enable_vae = served_models(args.enable_llm, args.enable_vae)
@@ -111,6 +113,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not Path(args.model_dir).is_dir():
         parser.error(f"--model_dir {args.model_dir!r} is not a folder")
     return args
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """What one request may cost and how long clients may take (stepvideo/serving/server.py Limits)."""
+    group = parser.add_argument_group("request limits")
+    group.add_argument("--max_memory_gb", type=float, default=None,
+                       help="refuse (413) a request whose estimated memory (weights + activations + output, "
+                            "stepvideo/serving/costs.py) exceeds this many GB (default: 24 on Ascend, an eighth of "
+                            "the RAM up to 24 on CPU)")
+    group.add_argument("--body_timeout", type=float, default=Limits.body_timeout_s,
+                       help="seconds a request body may take to arrive (408 after)")
+    group.add_argument("--max_connections", type=int, default=Limits.max_connections,
+                       help="open connections served at once (more get 503)")
+    group.add_argument("--shutdown_grace", type=float, default=Limits.shutdown_grace_s,
+                       help="after SIGTERM, seconds the running job may take before the process exits without it")
+
+
+def check_limit_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("max_memory_gb", "body_timeout", "max_connections"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} must be > 0, got {value}")
+    if not args.shutdown_grace >= 0:
+        parser.error(f"--shutdown_grace must be >= 0, got {args.shutdown_grace}")
+
+
+def limits_and_costs(args: argparse.Namespace, caption, vae, info):
+    """(Limits, Costs) for the loaded models on `info.device` (a `backend.BackendInfo`)."""
+    import mindspore as ms
+
+    from stepvideo.checkpoint import named_parameters
+    from stepvideo.serving.costs import CaptionCost, VaeCost, default_memory_limit_gb
+    from stepvideo.serving.server import Costs
+
+    def weight_bytes(*cells) -> int:
+        return sum(p.nbytes for cell in cells for p in named_parameters(cell).values())
+
+    on_cpu = info.device.upper() == "CPU"
+    itemsize = 2 if info.compute_dtype == ms.bfloat16 else 4
+    max_memory_gb = args.max_memory_gb if args.max_memory_gb is not None else default_memory_limit_gb(info.device)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_memory_bytes=int(max_memory_gb * 1e9),
+                    body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                    shutdown_grace_s=args.shutdown_grace)
+    costs = Costs(
+        vae=VaeCost.from_config(vae.vae.config, z_channels=vae.z_channels, itemsize=itemsize,
+                                weights_bytes=weight_bytes(vae.vae), on_cpu=on_cpu) if vae else None,
+        caption=CaptionCost.from_model_dir(args.model_dir, itemsize=itemsize, weights_bytes=weight_bytes(
+            caption.encoder.text_encoder, caption.encoder.clip)) if caption else None)
+    log.info("request limits: %.1f GB of memory per request, body within %g s, %d connections, %g s grace on SIGTERM",
+             max_memory_gb, args.body_timeout, args.max_connections, args.shutdown_grace)
+    return limits, costs
 
 
 def load_models(args: argparse.Namespace):
@@ -160,9 +213,10 @@ def main(argv=None) -> int:
         return 1
     caption, vae, info = loaded
 
-    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20))
+    limits, costs = limits_and_costs(args, caption, vae, info)
     app = server.create_app(caption, vae, token=args.token, limits=limits, device=info.device,
-                            dtype=str(info.compute_dtype).lower(), vae_channels=vae.z_channels if vae else 64)
+                            dtype=str(info.compute_dtype).lower(), vae_channels=vae.z_channels if vae else 64,
+                            costs=costs)
     url = server.url_for(sock)
 
     def ready():

@@ -63,12 +63,7 @@ python convert.py --pt_filename "$clip/pytorch_model.bin" --sf_filename "$clip/m
 
 phase "starting the caption and VAE services on 127.0.0.1"
 mkdir -p "$LOG_DIR"
-stop_services() {
-  if [ -f "$LOG_DIR/services/services.pids" ]; then
-    xargs -r kill < "$LOG_DIR/services/services.pids" 2>/dev/null || true
-    rm -f "$LOG_DIR/services/services.pids"
-  fi
-}
+stop_services() { bash scripts/stop_servers.sh "$LOG_DIR/services/services.pids"; }
 trap stop_services EXIT
 trap 'stop_services; exit 130' INT TERM
 urls=$(MODEL_DIR="$MODEL_DIR" CAPTION_PORT=0 VAE_PORT=0 DEVICE=cpu LOG_DIR="$LOG_DIR/services" \

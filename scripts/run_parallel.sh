@@ -90,15 +90,24 @@ mkdir -p "$LOG_DIR"
 echo "== msrun: $WORKERS workers (pp $PP x cfg $CFG x tensor $TP x ulysses $ULYSSES), node $NODE_RANK of $NODES" \
   "with $LOCAL_WORKERS of them, scheduler $MASTER_ADDR:$MASTER_PORT, logs in $LOG_DIR"
 rc=0
+# msrun's own messages (which worker pid ended how) also go to $LOG_DIR/msrun.log.
 msrun --worker_num="$WORKERS" --local_worker_num="$LOCAL_WORKERS" --node_rank="$NODE_RANK" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --join=True \
   --cluster_time_out="$CLUSTER_TIME_OUT" --log_dir="$LOG_DIR" \
   run_parallel.py --model_dir "$MODEL_DIR" --caption_url "$CAPTION_URL" --vae_url "$VAE_URL" \
   --ulysses_degree "$ULYSSES" --pp_degree "$PP" --tensor_parallel_degree "$TP" --cfg_parallel_degree "$CFG" \
-  --device "$DEVICE" "$@" || rc=$?
+  --device "$DEVICE" "$@" 2>&1 | tee "$LOG_DIR/msrun.log" || rc=${PIPESTATUS[0]}
 
 if (( rc != 0 )); then
   echo "run_parallel.sh: the job failed (exit $rc). Logs: $LOG_DIR/worker_<rank>.log and $LOG_DIR/scheduler.log" >&2
+  # A worker killed by a signal wrote no error of its own: name it from msrun's report of its pid.
+  grep -o 'Worker process [0-9]* exit with exception. Error code: -\?[0-9]*' "$LOG_DIR/msrun.log" 2>/dev/null |
+    while read -r _ _ pid _ _ _ _ _ code; do
+      rank="$(grep -l "process id $pid\$" "$LOG_DIR"/worker_*.log 2>/dev/null | head -n 1 | sed 's/.*worker_\([0-9]*\)\.log/\1/')"
+      how="exit code $code"
+      (( code < 0 )) && how="signal $((-code)) ($(kill -l $((-code)) 2>/dev/null || echo unknown))"
+      echo "run_parallel.sh: rank ${rank:-?} (pid $pid) ended by $how" >&2
+    done
   first="$(grep -l '] error' "$LOG_DIR"/worker_*.log 2>/dev/null | head -n 1 || true)"
   [[ -n "$first" ]] && echo "run_parallel.sh: see the error in $first" >&2
   exit "$rc"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the caption service (Step-LLM + CLIP) and the VAE service in the background and wait until
-# both are ready. Prints the two URLs as shell assignments, e.g.
+# both are ready. Prints the two URLs as shell-quoted assignments, e.g.
 #     eval "$(MODEL_DIR=ckpts/stepvideo-t2v bash scripts/start_servers.sh)"
 #     echo $caption_url $vae_url
 #
@@ -13,6 +13,7 @@
 #   VAE_DEVICES      ASCEND_RT_VISIBLE_DEVICES for the VAE service (Ascend), e.g. 5
 #   LOG_DIR          where the services log (default logs/services); PIDs go to $LOG_DIR/services.pids
 #   WAIT_SECONDS     how long to wait for both to load (default 600)
+# Stop them with: bash scripts/stop_servers.sh "$LOG_DIR/services.pids" (SIGTERM, then SIGKILL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${MODEL_DIR:?set MODEL_DIR to the model folder}"
@@ -55,8 +56,8 @@ wait_url() {  # name pid -> prints the URL the service announced
   return 1
 }
 
-# If anything below fails, do not leave half-started services behind.
-stop_started() { xargs -r kill < "$LOG_DIR/services.pids" 2>/dev/null || true; }
+# If anything below fails, do not leave half-started services behind (TERM, then KILL; only ours).
+stop_started() { bash scripts/stop_servers.sh "$LOG_DIR/services.pids"; }
 trap stop_started EXIT
 
 start caption --enable_llm "$CAPTION_PORT" "${CAPTION_DEVICES:-}"
@@ -66,5 +67,6 @@ vae_pid=$!
 caption_url=$(wait_url caption "$caption_pid")
 vae_url=$(wait_url vae "$vae_pid")
 trap - EXIT
-echo "caption_url=$caption_url"
-echo "vae_url=$vae_url"
+# Shell-quoted: callers eval these lines, and a URL is text a process printed.
+printf 'caption_url=%q\n' "$caption_url"
+printf 'vae_url=%q\n' "$vae_url"

@@ -18,6 +18,7 @@ from typing import BinaryIO, Callable, Dict, Iterable, List, Mapping, Tuple
 import numpy as np
 
 from stepvideo import dtypes
+from stepvideo.utils.safetensors_io import atomic_path
 from stepvideo.utils.torch_format import TorchFormatError
 
 # What `torch.save` writes into every zip archive besides the pickle and storages.
@@ -220,11 +221,5 @@ def save_state_dict(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], 
     digest = hashlib.sha256(b"".join(data for _, data in records)).digest()
     first, second = struct.unpack("<QQ", digest[:16])
     records.append((".data/serialization_id", f"{first:020d}{second:020d}".encode()))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            _zip_records(archive_name(path), records, fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        _zip_records(archive_name(path), records, fh)

@@ -89,7 +89,7 @@ def weight_map(path: os.PathLike | str) -> Dict[str, Path]:
             mapping = json.loads(indexes[0].read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{indexes[0]}: not a valid index file ({e})") from None
-        files = {name: path / name for name in set(mapping.values())}
+        files = {name: path / _shard_name(name, indexes[0]) for name in set(mapping.values())}
         missing = sorted(n for n, p in files.items() if not p.is_file())
         if missing:
             raise CheckpointError(f"{indexes[0]} names shard(s) that do not exist: {missing}")
@@ -100,6 +100,19 @@ def weight_map(path: os.PathLike | str) -> Dict[str, Path]:
             f"{path}: expected one *.safetensors file or an *.safetensors.index.json, found "
             f"{[p.name for p in singles] or 'none'}")
     return weight_map(singles[0])
+
+
+def _shard_name(name, index: Path) -> str:
+    """A shard file name from an index, which must stay inside the checkpoint folder.
+
+    Checked on the name itself (no absolute path, no '..'), not on where symlinks lead: a
+    downloaded snapshot's files are often symlinks into a cache, which the folder's owner made.
+    """
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name \
+            or any(part in ("", ".", "..") for part in name.split("/")):
+        raise CheckpointError(f"{index} names shard {name!r}; expected a file name inside {index.parent} "
+                              "(relative, without '..')")
+    return name
 
 
 def numpy_dtype(dtype: ms.dtype) -> np.dtype:

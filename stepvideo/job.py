@@ -172,6 +172,9 @@ def run(args: argparse.Namespace, text_encoder=None, video_decoder=None):
     device_id = int(os.environ["DEVICE_ID"]) if "DEVICE_ID" in os.environ else None
     backend.init(None if args.device == "auto" else args.device, device_id=device_id)
     _setup_logging()
+    # A rank killed from outside (SIGKILL, the OOM killer) cannot say so; msrun reports its pid,
+    # and this line lets scripts/run_parallel.sh name the rank.
+    log.info("process id %d", os.getpid())
 
     from stepvideo.diffusion.video_pipeline import StepVideoPipeline
     from stepvideo.modules.model import StepVideoModel

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 _ENDPOINTS = {"caption": CAPTION_PATH, "vae": VAE_PATH}
 # An error body is a short JSON message; never read more of it than this.
 _MAX_ERROR_BYTES = 64 * 1024
+# A caption answer per prompt: y (320 x hidden float32), the mask, the CLIP states (77 x hidden).
+# The published models take 8.2 MB; this allows hidden sizes up to ~24k.
+_MAX_CAPTION_BYTES_PER_PROMPT = 32 * 2**20
 
 
 class ServiceError(RuntimeError):
@@ -194,40 +197,47 @@ class _RemoteService:
         return str(answer.get("error", answer)), answer.get("status") == "loading"
 
     def _read(self, response: httpx.Response, limit: int) -> bytearray:
+        """The answer's body, at most `limit` bytes.
+
+        The buffer grows as data arrives (a declared Content-Length is checked against `limit`
+        but never allocated up front), so a peer that declares gigabytes and sends a few
+        bytes costs a few bytes.
+        """
+        url = str(response.url)
         declared = response.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ServiceError(self.service, str(response.url), f"answer of {declared} bytes exceeds the client "
-                               f"limit of {limit} bytes (max_response_bytes)", response.status_code)
-        body = bytearray(int(declared)) if declared is not None and declared.isdigit() else bytearray()
-        at = 0
         try:
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                raise ServiceError(self.service, url, f"answer of {declared} bytes exceeds the {limit} bytes "
+                                   "this request can need (client limit)", response.status_code)
+            body = bytearray()
             for chunk in response.iter_bytes():
-                if at + len(chunk) > limit:
-                    raise ServiceError(self.service, str(response.url),
-                                       f"answer exceeds the client limit of {limit} bytes", response.status_code)
-                body[at:at + len(chunk)] = chunk
-                at += len(chunk)
+                if len(body) + len(chunk) > limit:
+                    raise ServiceError(self.service, url, f"answer exceeds the {limit} bytes this request can "
+                                       "need (client limit)", response.status_code)
+                body += chunk
         except httpx.TimeoutException as e:
-            raise ServiceError(self.service, str(response.url), f"answer stalled ({type(e).__name__})") from None
+            raise ServiceError(self.service, url, f"answer stalled ({type(e).__name__})") from None
         except httpx.HTTPError as e:
-            raise ServiceError(self.service, str(response.url),
-                               f"answer broken off: {type(e).__name__}: {e}") from None
+            raise ServiceError(self.service, url, f"answer broken off: {type(e).__name__}: {e}") from None
         finally:
             response.close()
-        del body[at:]
         return body
 
     def _error_message(self, response: httpx.Response) -> str:
         body = self._read(response, _MAX_ERROR_BYTES)
         try:
-            message = json.loads(bytes(body).decode("utf-8"))["error"]
+            answer = json.loads(bytes(body).decode("utf-8"))
+            message, request_id = answer["error"], answer.get("request_id")
             if isinstance(message, str):
-                return message
-        except (ValueError, KeyError, TypeError):
+                # A 500 says only "internal error"; its id finds the traceback in the service's log.
+                return f"{message} (request id {request_id}; see the service log)" if request_id else message
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass
         return bytes(body[:500]).decode("utf-8", "replace") or response.reason_phrase
 
-    def _post(self, content: bytes, content_type: str, url: Optional[str] = None) -> bytearray:
+    def _post(self, content: bytes, content_type: str, answer_bytes: int, url: Optional[str] = None) -> bytearray:
+        """POST to `url` (default: the service's URL) and return the answer's body;
+        `answer_bytes`: the most this request's answer can take."""
         url = url or self.url
         response = self._send("POST", url, content=content, headers={"content-type": content_type})
         if response.status_code != 200:
@@ -237,7 +247,7 @@ class _RemoteService:
             response.close()
             raise ServiceError(self.service, url, f"answer has Content-Type {got!r}, expected "
                                f"{wire.MEDIA_TYPE} (is this URL a Step-Video service?)", 200)
-        return self._read(response, self.max_response_bytes)
+        return self._read(response, min(self.max_response_bytes, answer_bytes))
 
     def _decode(self, body: bytearray, specs: Sequence[wire.TensorSpec]) -> dict:
         try:
@@ -263,8 +273,8 @@ class RemoteCaption(_RemoteService, TextEncoding):
 
     def encode(self, prompts: Sequence[str]) -> CaptionOutput:
         prompts = check_prompts(prompts)
-        body = self._post(wire.encode_prompts(prompts), wire.JSON_MEDIA_TYPE)
         b = len(prompts)
+        body = self._post(wire.encode_prompts(prompts), wire.JSON_MEDIA_TYPE, b * _MAX_CAPTION_BYTES_PER_PROMPT)
         floats = ("F32", "BF16")
         out = self._decode(body, [wire.TensorSpec("y", ("b", "L", "H"), floats, sizes=(b,)),
                                   wire.TensorSpec("y_mask", ("b", "L_clip+L"), ("I64",), sizes=(b,)),
@@ -283,16 +293,20 @@ class RemoteVae(_RemoteService, VideoDecoding, VideoEncoding):
 
     def encode(self, video: np.ndarray, seed: int = 0) -> np.ndarray:
         x = check_video(video)
+        b, frames, _, h, w = x.shape
+        answer_bytes = 8 + wire.MAX_HEADER_BYTES + b * (frames + 2) * 64 * (h // 16) * (w // 16) * 4  # T <= frames + 2
         body = self._post(wire.encode({"videos": x, "seed": np.array([check_seed(seed)], np.int64)}),
-                          wire.MEDIA_TYPE, url=self.encode_url)
-        b, _, _, h, w = x.shape
+                          wire.MEDIA_TYPE, answer_bytes, url=self.encode_url)
         spec = wire.TensorSpec("latents", ("b", "T", "c", "h", "w"), ("F32", "BF16"),
                                sizes=(b, None, None, h // 16, w // 16))
         return self._decode(body, [spec])["latents"]
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         z = check_latents(latents)
-        body = self._post(wire.encode({"samples": z}), wire.MEDIA_TYPE)
+        b, t, _, h, w = z.shape
+        frames = sum(8 * min(3, t - s) - 7 for s in range(0, t, 3))  # 3 latents -> 17 frames, n < 3 -> 8n - 7
+        answer_bytes = 8 + wire.MAX_HEADER_BYTES + b * frames * 3 * 16 * h * 16 * w * 4  # float32 at most
+        body = self._post(wire.encode({"samples": z}), wire.MEDIA_TYPE, answer_bytes)
         spec = wire.TensorSpec("video", ("b", "frames", "c", "H", "W"), ("F32", "BF16"),
                                sizes=(z.shape[0], None, None, 16 * z.shape[3], 16 * z.shape[4]))
         return self._decode(body, [spec])["video"]

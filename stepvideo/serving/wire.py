@@ -195,7 +195,8 @@ def decode(data, specs: Sequence[TensorSpec], *, max_elements: Optional[int] = N
 
     Exactly the names of `specs` must be present. `max_elements` bounds the sum
     of all tensors' element counts. Arrays are views of `data` when it is a
-    writable buffer (a bytearray), copies otherwise. The header is parsed once.
+    writable buffer (a bytearray) and the data is aligned for its dtype, copies otherwise.
+    The header is parsed once.
     """
     header, data_start = _header(data, source)
     expected = {s.name: s for s in specs}
@@ -228,7 +229,9 @@ def decode(data, specs: Sequence[TensorSpec], *, max_elements: Optional[int] = N
         arr = np.frombuffer(data, dtype=stored, count=count, offset=info.start).reshape(info.shape)
         if info.dtype == BF16:
             arr = dtypes.bf16_bits_to_f32(arr)
-        elif not writable:
+        elif not writable or not arr.flags.aligned:
+            # The format allows any header length, so data may start at an offset that is not a
+            # multiple of the item size; MindSpore (and some numpy paths) need aligned memory.
             arr = arr.copy()
         out[name] = arr
     return out

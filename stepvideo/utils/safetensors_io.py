@@ -14,13 +14,15 @@ patterns (`stepvideo.dtypes`).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import safetensors
@@ -212,9 +214,50 @@ def to_bytes(tensors: Mapping[str, np.ndarray], *, bf16: Iterable[str] = (),
     return b"".join(encode_parts(_normalise(tensors, bf16), metadata)[1])
 
 
+def new_file_mode() -> int:
+    """The permissions `open(path, "w")` would give a new file (0o666 less the umask);
+    `tempfile.mkstemp` makes its files 0o600, which would hide model files from other users."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask
+
+
+def fsync_file(path: os.PathLike | str) -> None:
+    """Flush a written file's data to the disk (before renaming it into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: os.PathLike | str, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary path to write a file to, which then appears at `path` complete or not at all.
+
+    The temporary file is uniquely named beside `path` (two writers never share one); after
+    the block it is fsynced and renamed over `path`; on any error it is removed.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=folder)
+    try:
+        os.fchmod(fd, new_file_mode())
+        os.close(fd)
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_file(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], *, bf16: Iterable[str] = (),
               metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write a safetensors file with the library, atomically (a temporary file, then rename).
+    """Write a safetensors file with the library, atomically (`atomic_path`).
 
     Names in `bf16` are stored as bfloat16: given as float32 (rounded to nearest even) or as uint16 bits.
     """
@@ -222,14 +265,8 @@ def save_file(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], *, bf1
     specs = {name: safetensors.TensorSpec(dtype=dtypes.BY_SAFETENSORS[code].name, shape=arr.shape,
                                           data_ptr=arr.ctypes.data, data_len=arr.nbytes)
              for name, (arr, code) in prepared.items()}
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         safetensors.serialize_file(specs, tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def header_from_bytes(data: bytes, source: str = "payload") -> Dict[str, TensorInfo]:

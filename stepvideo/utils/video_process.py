@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from stepvideo.utils.safetensors_io import atomic_path
+
 FPS = 25
 CODEC = "libx264"
 CRF = "25"  # imageio's default quality 5, as the original wrote its videos
@@ -93,17 +95,13 @@ def write_mp4(frames: np.ndarray, path: os.PathLike | str, fps: int = FPS) -> Pa
     n, h, w, _ = frames.shape
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
+    # A unique temporary (two jobs writing the same video never share one) that ffmpeg overwrites (-y).
+    with atomic_path(path, suffix=f".partial{path.suffix}") as tmp:
         done = _run_ffmpeg(["-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
                             "-r", str(fps), "-i", "-", "-an", "-vcodec", CODEC, "-pix_fmt", "yuv420p", "-crf", CRF,
-                            "-v", "error", *FFMPEG_PARAMS, str(tmp)], stdin=frames.tobytes())
+                            "-v", "error", *FFMPEG_PARAMS, tmp], stdin=frames.tobytes())
         if done.returncode != 0:
             raise RuntimeError(f"ffmpeg could not write {path}: {done.stderr.decode(errors='replace').strip()}")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -3,6 +3,7 @@
 A real model does not fail on valid input, so a failing stand-in shows that a model
 failure is a 500 with its message and that the service goes on serving.
 """
+import logging
 import threading
 
 import numpy as np
@@ -46,11 +47,19 @@ def post_prompts(client, prompts):
                        headers={"content-type": "application/json"})
 
 
-def test_model_failure_is_a_500_with_its_message_and_the_service_keeps_serving(client):
+def test_model_failure_is_a_500_internal_error_with_a_request_id_and_the_service_keeps_serving(client, caplog):
     z = wire.encode({"samples": np.zeros((1, 3, 64, 2, 2), np.float32)})
-    r = client.post("/vae-api", content=z, headers={"content-type": "application/octet-stream"})
+    with caplog.at_level(logging.ERROR, logger="stepvideo.serving.server"):
+        r = client.post("/vae-api", content=z, headers={"content-type": "application/octet-stream"})
     assert r.status_code == 500
-    assert r.json() == {"error": "VAE decode failed: RuntimeError: out of device memory (stand-in)"}
+    request_id = r.json()["request_id"]
+    assert r.json() == {"error": "internal error", "request_id": request_id} and len(request_id) == 16
+    assert r.headers["x-request-id"] == request_id
+    assert "out of device memory" not in r.text
+    # The log pairs the id with the full traceback.
+    (record,) = [rec for rec in caplog.records if request_id in rec.getMessage()]
+    assert record.getMessage() == f"request {request_id}: VAE decode failed on samples of shape (1, 3, 64, 2, 2)"
+    assert "RuntimeError: out of device memory (stand-in)" in caplog.text and "Traceback" in caplog.text
     r = post_prompts(client, ["ab", "", "xyz"])
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     out = wire.decode(r.content, [wire.TensorSpec("y", ("b", "l", "c"), ("F32", "BF16")),

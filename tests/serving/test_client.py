@@ -76,3 +76,86 @@ def test_service_down_gives_a_clear_error_after_a_bounded_wait(caplog):
     assert any("not accepting connections yet" in r.getMessage() and "still be loading" in r.getMessage()
                for r in caplog.records)
     assert len([r for r in caplog.records if "not accepting" in r.getMessage()]) == 1  # said once, not per retry
+
+
+# --------------------------------------------------------------------------- a lying server
+
+_LIAR = r"""
+import json, resource, socket, sys, threading
+import numpy as np
+from stepvideo.serving.client import RemoteVae, ServiceError
+
+declared, sent, chunked = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "chunked"
+shape = tuple(json.loads(sys.argv[4]))
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+
+def answer():
+    conn, _ = server.accept()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+    while len(rest) < length:
+        rest += conn.recv(65536)
+    if chunked:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"\0" * 2**20
+        try:
+            for _ in range(sent // len(piece)):
+                conn.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        except OSError:
+            pass
+    else:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % declared
+                     + b"\0" * sent)
+    conn.close()
+
+threading.Thread(target=answer, daemon=True).start()
+client = RemoteVae(f"127.0.0.1:{server.getsockname()[1]}", connect_wait=5)
+z = np.zeros(shape, np.float32)
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+try:
+    client.decode(z)
+    error = None
+except ServiceError as e:
+    error = str(e)
+print(json.dumps({"error": error, "growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline}))
+"""
+
+
+def run_liar(declared: int, sent: int, shape, mode: str = "length") -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(["prlimit", "--as=8000000000", sys.executable, "-c", _LIAR, str(declared), str(sent), mode,
+                           json.dumps(shape)], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root), "GLOG_v": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_client_never_allocates_what_a_server_only_declares():
+    """A server that declares 200 MB (within what (1, 3, 64, 64, 64) can need) and sends 16 bytes."""
+    r = run_liar(200 * 10**6, 16, (1, 3, 64, 64, 64))
+    print(f"\ndeclared 200 MB, sent 16 bytes: {r['error']}; client RSS growth {r['growth'] / 2**20:.1f} MiB")
+    assert "answer broken off" in r["error"]
+    assert r["growth"] < 20 * 2**20
+
+
+def test_client_caps_the_answer_at_what_the_request_implies():
+    # (1, 1, 64, 1, 1) decodes to one 16 x 16 frame: 3072 bytes of float32 plus the header.
+    r = run_liar(2**31, 16, (1, 1, 64, 1, 1))
+    print(f"\ndeclared 2 GiB: {r['error']}; client RSS growth {r['growth'] / 2**20:.1f} MiB")
+    assert "answer of 2147483648 bytes exceeds the 68616 bytes this request can need (client limit)" in r["error"]
+    assert r["growth"] < 20 * 2**20
+    # Without a Content-Length: cut as soon as the stream passes the bound.
+    r = run_liar(0, 64 * 2**20, (1, 1, 64, 1, 1), "chunked")
+    assert "answer exceeds the 68616 bytes this request can need (client limit)" in r["error"]
+    assert r["growth"] < 20 * 2**20

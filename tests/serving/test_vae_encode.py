@@ -74,9 +74,9 @@ def _declared_only(shape):
     ("no seed", _encode_body(video((1, 1, 3, 16, 16)), seed=None), 400, "missing ['seed']"),
     ("negative seed", _encode_body(video((1, 1, 3, 16, 16)), seed=np.array([-1], np.int64)), 400,
      "seed must be an integer in [0, 2**63), got -1"),
-    ("too many frames", _declared_only((1, 17 * 64 + 1, 3, 16, 16)), 400, "larger than the limit 1088"),
-    ("too wide", _declared_only((1, 1, 3, 16, 16 * 513)), 400, "larger than the limit 8192"),
-    ("too many values", _declared_only((16, 1088, 3, 16, 64)), 400, "elements in all, larger than the limit"),
+    ("too many frames", _declared_only((1, 17 * 18 + 1, 3, 16, 16)), 400, "larger than the limit 306"),
+    ("too wide", _declared_only((1, 1, 3, 16, 16 * 65)), 400, "larger than the limit 1024"),
+    ("too many values", _declared_only((4, 306, 3, 1024, 1024)), 400, "elements in all, larger than the limit"),
     ("body over 1 MiB", _encode_body(video((1, 17, 3, 128, 128))), 413, "exceeds the limit"),
 ])
 def test_bad_encode_requests_get_4xx(vae_service, local_vae, label, body, status, message):

@@ -170,6 +170,25 @@ def test_folder_errors_name_the_problem(tmp_path):
         weight_map(tmp_path)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/../../outside.safetensors", "/tmp/outside.safetensors",
+                                   "./../outside.safetensors", "..\\outside.safetensors", "", 7, None])
+def test_index_shard_names_must_stay_inside_the_folder(tmp_path, shard):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    st.save_file(tmp_path / "outside.safetensors", {"a": np.zeros(2, np.float32)})  # exists, but outside
+    (folder / "m.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+    with pytest.raises(CheckpointError, match=r"names shard .* expected a file name inside .*ckpt \(relative, "
+                                              r"without '\.\.'\)"):
+        weight_map(folder)
+
+
+def test_index_shards_in_a_subfolder_are_fine(tmp_path):
+    (tmp_path / "shards").mkdir()
+    st.save_file(tmp_path / "shards" / "a.safetensors", {"a": np.zeros(2, np.float32)})
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shards/a.safetensors"}}))
+    assert weight_map(tmp_path) == {"a": tmp_path / "shards" / "a.safetensors"}
+
+
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     from mindspore import nn
