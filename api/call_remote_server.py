@@ -13,7 +13,8 @@ The port is taken and listening before any model loads, so a second service on
 the same port fails at once; while the models load, GET /health answers 503
 {"status": "loading", ...}. Once they are loaded it prints one line per service,
 e.g. `caption_url: http://127.0.0.1:5000`; pass those to the DiT job as
---caption_url / --vae_url. Endpoints and wire format: `stepvideo/serving/server.py`.
+--caption_url / --vae_url. Endpoints and wire format: `stepvideo/serving/server.py`;
+port, loading answers and graceful stop: `stepvideo/serving/running.py`.
 
 Unlike the original (which bound 0.0.0.0 and unpickled request bodies, so anyone
 who reached the port could run code), it binds 127.0.0.1 unless --host says
@@ -188,9 +189,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from stepvideo.serving import server
+    from stepvideo.serving import running, server
 
-    if not server.is_loopback(args.host) and not args.token:
+    if not running.is_loopback(args.host) and not args.token:
         print(f"WARNING: binding {args.host} without a token: anyone who can reach this port can use the "
               f"services. Set --token or {wire.TOKEN_ENV}.", file=sys.stderr, flush=True)
     if args.warn_memory:
@@ -199,13 +200,13 @@ def main(argv=None) -> int:
                     "must fit in one device's memory together; if they do not, run two services, "
                     "--enable_llm True and --enable_vae True, on two devices")
     try:
-        sock = server.bind_socket(args.host, args.port)  # listening now: a taken port fails before any loading
+        sock = running.bind_socket(args.host, args.port)  # listening now: a taken port fails before any loading
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     models = {"caption": args.enable_llm, "vae": args.enable_vae}
-    responder = server.LoadingResponder(sock, models, max_body_bytes=int(args.max_body_mb * 2**20)).start()
-    log.info("listening on %s; loading %s", server.url_for(sock), " and ".join(m for m, on in models.items() if on))
+    responder = running.LoadingResponder(sock, models, max_body_bytes=int(args.max_body_mb * 2**20)).start()
+    log.info("listening on %s; loading %s", running.url_for(sock), " and ".join(m for m, on in models.items() if on))
 
     loaded = load_models(args)
     responder.stop()  # the socket keeps listening; uvicorn answers the queued connections
@@ -217,14 +218,14 @@ def main(argv=None) -> int:
     app = server.create_app(caption, vae, token=args.token, limits=limits, device=info.device,
                             dtype=str(info.compute_dtype).lower(), vae_channels=vae.z_channels if vae else 64,
                             costs=costs)
-    url = server.url_for(sock)
+    url = running.url_for(sock)
 
     def ready():
         for name, on in (("caption_url", caption), ("vae_url", vae)):
             if on is not None:
                 print(f"{name}: {url}", flush=True)
 
-    server.serve(app, sock, ready, log_level=args.log_level)
+    running.serve(app, sock, ready, log_level=args.log_level)
     return 0
 
 
