@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import torch_checkpoint_writer as writer
-from stepvideo.utils import torch_format as tf
+from stepvideo.utils import torch_guards
 
 GiB = 2**30
 
@@ -139,7 +139,7 @@ def legacy_memo_index(path: Path, index: int = 2**27) -> Tuple[Path, int]:
     return path, 2 * index * 8  # the unpickler grows its memo table to twice the index, 8 bytes an entry
 
 
-def many_opcodes(path: Path, count: int = tf.MAX_PICKLE_OPS + 10) -> Tuple[Path, int]:
+def many_opcodes(path: Path, count: int = torch_guards.MAX_PICKLE_OPS + 10) -> Tuple[Path, int]:
     """A data.pkl of `count` opcodes (a list of Nones): more than any state dict needs."""
     pickled = b"\x80\x02(" + b"N" * count + b"l."
     return write_zip(path, pickled, []), count * 8

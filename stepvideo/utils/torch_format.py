@@ -26,6 +26,8 @@ offset, shape, stride) views: several may share one storage, start at an
 offset into it, or be non-contiguous; `TensorRef.read` materialises exactly the
 elements the view addresses.
 
+What a hostile file could make this reader allocate is bounded by `stepvideo.utils.torch_guards`
+(pickle opcodes and memo, views, total bytes, zip members), checked before any data is read.
 bfloat16 has no numpy dtype: it travels as uint16 bit patterns (`stepvideo.dtypes`).
 Writing such files (for tests and the tiny demo checkpoint) is `scripts/torch_checkpoint_writer.py`.
 """
@@ -35,7 +37,6 @@ import collections
 import io
 import os
 import pickle
-import pickletools
 import struct
 import zipfile
 import zlib
@@ -45,29 +46,12 @@ from typing import BinaryIO, Callable, Dict, Iterable, Iterator, Optional, Tuple
 import numpy as np
 
 from stepvideo import dtypes
+from stepvideo.utils.torch_guards import (BoundedReader, CheckpointBombError, TorchFormatError, UnsafeCheckpointError,
+                                          check_total_bytes, check_view, check_zip_members, prescan_pickle)
 
 # First pickle of a legacy file, and the protocol version that follows it.
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
-
-# A state dict's pickle takes ~25 opcodes per tensor (the published CLIP: ~400 tensors,
-# ~10k opcodes); more than this many is not a weights file, and each opcode costs memory.
-MAX_PICKLE_OPS = 1_000_000
-# A text line inside a pickle (GLOBAL module/name, protocol-0 numbers) is short.
-_MAX_PICKLE_LINE = 4096
-
-
-class TorchFormatError(ValueError):
-    """A file is not a readable PyTorch checkpoint (wrong format, truncated, inconsistent)."""
-
-
-class UnsafeCheckpointError(TorchFormatError):
-    """A checkpoint's pickle names a global outside the tensor/state-dict allow list."""
-
-
-class CheckpointBombError(TorchFormatError):
-    """A checkpoint would make the reader allocate far more than the file holds."""
-
 
 # --------------------------------------------------------------------------- stand-ins
 # Objects the restricted unpickler hands out instead of torch's; frozen and slotted
@@ -124,30 +108,8 @@ def _tensor_ref(storage, storage_offset, size, stride) -> TensorRef:
     shape, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
     if len(shape) != len(stride) or any(d < 0 for d in shape) or any(s < 0 for s in stride):
         raise TorchFormatError(f"tensor has invalid size {shape} / stride {stride}")
-    if all(d > 0 for d in shape):
-        last = storage_offset + sum((d - 1) * s for d, s in zip(shape, stride))
-        if last >= storage.numel:
-            raise TorchFormatError(
-                f"tensor view (offset {storage_offset}, size {shape}, stride {stride}) reaches element "
-                f"{last} of storage {storage.key!r}, which has {storage.numel} elements")
-        _check_no_overlap(shape, stride, storage.key)
+    check_view(storage_offset, shape, stride, storage.key, storage.numel)
     return TensorRef(storage, storage_offset, shape, stride)
-
-
-def _check_no_overlap(shape: Tuple[int, ...], stride: Tuple[int, ...], key: str) -> None:
-    """Refuse views that address an element twice (stride 0, or strides that interleave).
-
-    Such a view makes a tiny storage a huge array (a stride-0 view of one element
-    can claim a GiB); `torch.save` of a state dict never writes one. Sorted by
-    stride, each axis must step over everything the smaller axes span.
-    """
-    span = 0  # elements spanned by the axes seen so far, minus one
-    for d, s in sorted(((d, s) for d, s in zip(shape, stride) if d > 1), key=lambda ds: ds[1]):
-        if s <= span:
-            raise CheckpointBombError(
-                f"tensor view (size {shape}, stride {stride}) of storage {key!r} addresses some elements more "
-                "than once (a stride-0 or overlapping view); a state dict holds only non-overlapping views")
-        span += (d - 1) * s
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
@@ -196,62 +158,10 @@ class RestrictedTorchUnpickler(pickle.Unpickler):
         return self._resolve_storage(pid[1:])
 
 
-class _BoundedReader:
-    """A file seen only up to `end`: no read asks the OS for more than is left (a pickle's
-    declared lengths are not trusted), and a line is at most `_MAX_PICKLE_LINE` bytes."""
-
-    def __init__(self, fh: BinaryIO, end: int):
-        self._fh, self._end = fh, end
-
-    def read(self, n: int = -1) -> bytes:
-        left = max(0, self._end - self._fh.tell())
-        return self._fh.read(left if n is None or n < 0 else min(n, left))
-
-    def readline(self, limit: int = -1) -> bytes:
-        left = max(0, self._end - self._fh.tell())
-        return self._fh.readline(min(left, _MAX_PICKLE_LINE))
-
-    def tell(self) -> int:
-        return self._fh.tell()
-
-    def seek(self, pos: int) -> int:
-        return self._fh.seek(pos)
-
-
-def _prescan(fh: BinaryIO, what: str) -> None:
-    """Walk one pickle's opcodes without executing any, from fh's position to its STOP.
-
-    Refuses what would make the unpickler allocate far more than the file holds: more
-    than MAX_PICKLE_OPS opcodes, and memo indices beyond the number of objects memoised
-    so far (the unpickler sizes its memo table by the largest index: a 9-byte pickle can
-    ask for gigabytes). Lengths of strings and frames are checked against the bytes
-    actually present by `pickletools` itself.
-    """
-    ops = puts = 0
-    try:
-        for opcode, arg, pos in pickletools.genops(fh):
-            ops += 1
-            if ops > MAX_PICKLE_OPS:
-                raise CheckpointBombError(f"{what}: more than {MAX_PICKLE_OPS} pickle opcodes; "
-                                       "not a state dict (a bound against memory exhaustion)")
-            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                index = int(arg)
-                if not 0 <= index <= puts:
-                    raise CheckpointBombError(f"{what}: pickle memo index {index} at byte {pos}, but only {puts} "
-                                           "objects were memoised before it (a pickler numbers them in order)")
-                puts += 1
-            elif opcode.name == "MEMOIZE":
-                puts += 1
-    except TorchFormatError:
-        raise
-    except Exception as e:  # pickletools raises ValueError and friends on damaged input
-        raise TorchFormatError(f"{what} is not a readable pickle ({type(e).__name__}: {e})") from None
-
-
 def _unpickle(fh: BinaryIO, what: str, resolve_storage=None):
-    """Pre-scan the pickle at fh's position (`_prescan`), then unpickle it restrictedly."""
+    """Pre-scan the pickle at fh's position (`prescan_pickle`), then unpickle it restrictedly."""
     start = fh.tell()
-    _prescan(fh, what)
+    prescan_pickle(fh, what)
     fh.seek(start)
     try:
         return RestrictedTorchUnpickler(fh, resolve_storage).load()
@@ -284,19 +194,6 @@ class _StorageTable:
         if known != ref:
             raise TorchFormatError(f"storage {key!r} is referenced as {known} and as {ref}")
         return known
-
-
-def _check_total_bytes(tensors: Mapping[str, TensorRef], storages: Mapping[str, StorageRef], source: str) -> None:
-    """The tensors together may not hold more bytes than the storages they view.
-
-    Each view is checked to stay inside its storage without overlap; this stops many
-    tensors that each view all of one storage (a small file read as a huge output).
-    """
-    out = sum(ref.nbytes for ref in tensors.values())
-    stored = sum(ref.numel * dtypes.BY_NAME[ref.dtype].itemsize for ref in storages.values())
-    if out > stored:
-        raise CheckpointBombError(f"{source}: the tensors hold {out} bytes in all but their storages only {stored}; "
-                                  "several tensors view the same elements, which a state dict does not do")
 
 
 def _state_dict(obj, source: str) -> Dict[str, TensorRef]:
@@ -363,7 +260,7 @@ class TorchCheckpoint:
         except zipfile.BadZipFile as e:
             raise TorchFormatError(
                 f"{self.path}: zip checkpoint is truncated or corrupted ({e})") from None
-        self._check_members()
+        check_zip_members(self._zip, self.path)
         names = set(self._zip.namelist())
         pickles = sorted(n for n in names if n.endswith("/data.pkl") and n.count("/") == 1)
         if len(pickles) != 1:
@@ -389,25 +286,8 @@ class TorchCheckpoint:
                     f"{self.path}: storage {key!r} holds {size} bytes, expected {expected} "
                     f"({ref.numel} x {ref.dtype})")
             self._storage_members[key] = member
-        _check_total_bytes(tensors, table.storages, self.path)
+        check_total_bytes(tensors, table.storages, self.path)
         return tensors
-
-    def _check_members(self) -> None:
-        """Every member stored uncompressed and no larger than the archive itself.
-
-        torch never compresses; a deflated member (or a size field that claims more than
-        the file holds) would let a small file inflate to gigabytes when read.
-        """
-        archive_size = os.path.getsize(self.path)
-        for info in self._zip.infolist():
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointBombError(
-                    f"{self.path}: record {info.filename!r} is compressed (method {info.compress_type}); "
-                    "torch.save writes every record uncompressed")
-            if info.file_size != info.compress_size or info.file_size > archive_size:
-                raise CheckpointBombError(
-                    f"{self.path}: record {info.filename!r} claims {info.file_size} bytes "
-                    f"({info.compress_size} stored) in an archive of {archive_size} bytes")
 
     def _read_member(self, member: str) -> bytes:
         try:
@@ -419,7 +299,7 @@ class TorchCheckpoint:
 
     def _open_legacy(self) -> Dict[str, TensorRef]:
         self._file = open(self.path, "rb")
-        fh, src = _BoundedReader(self._file, os.fstat(self._file.fileno()).st_size), self.path
+        fh, src = BoundedReader(self._file, os.fstat(self._file.fileno()).st_size), self.path
         not_a_checkpoint = f"{src}: not a PyTorch checkpoint (neither a zip archive nor a legacy torch pickle)"
         try:
             magic = _unpickle(fh, f"{src}: first pickle")
@@ -464,7 +344,7 @@ class TorchCheckpoint:
             if pos > file_size:
                 raise TorchFormatError(f"{src}: truncated inside storage {key!r} "
                                        f"(needs {pos} bytes, file has {file_size})")
-        _check_total_bytes(tensors, table.storages, src)
+        check_total_bytes(tensors, table.storages, src)
         return tensors
 
     # data --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ EXPECTED_ERRORS = {
     "record larger than the file": "record 'archive/data/0' claims 1073741824 bytes (1073741824 stored) in an "
                                    "archive of",
     "legacy pickle, huge memo index": "pickle memo index 134217728 at byte 4, but only 0 objects were memoised",
-    "pickle with too many opcodes": f"more than {bombs.tf.MAX_PICKLE_OPS} pickle opcodes",
+    "pickle with too many opcodes": f"more than {bombs.torch_guards.MAX_PICKLE_OPS} pickle opcodes",
 }
 
 
