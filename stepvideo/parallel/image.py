@@ -5,25 +5,17 @@ Like `BroadcastTextEncoding`: the VAE (service or in-process) sees the first ima
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from mindspore import Tensor
 
-from stepvideo.parallel.collectives import Collectives
 from stepvideo.diffusion.interfaces import VideoEncoding
+from stepvideo.parallel.one_rank import OnOneRank
 
 
-class BroadcastImageEncoding(VideoEncoding):
+class BroadcastImageEncoding(OnOneRank, VideoEncoding):
     """Rank `src` encodes with `encoder` (other ranks pass None); the latents are broadcast to all ranks."""
 
-    def __init__(self, encoder: Optional[VideoEncoding], collectives: Collectives, src: int = 0):
-        is_src = collectives.mesh.rank == src
-        if is_src and encoder is None:
-            raise ValueError(f"BroadcastImageEncoding: rank {src} encodes, so it needs a VAE encoder")
-        self.encoder = encoder if is_src else None
-        self.collectives = collectives
-        self.src = src
+    needs = "a VAE encoder"
 
     def __repr__(self) -> str:
         return f"BroadcastImageEncoding(src={self.src}, encoder={self.encoder!r})"

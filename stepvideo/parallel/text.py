@@ -6,29 +6,21 @@ method as the encoders, so `StepVideoPipeline` uses it unchanged on every rank.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from mindspore import Tensor
 
-from stepvideo.parallel.collectives import Collectives
 from stepvideo.diffusion.interfaces import CaptionOutput, TextEncoding
+from stepvideo.parallel.one_rank import OnOneRank
 
 
 class TextEncodingFailed(RuntimeError):
     """The caption encoder failed for these prompts (raised on every rank of the job)."""
 
 
-class BroadcastTextEncoding(TextEncoding):
+class BroadcastTextEncoding(OnOneRank, TextEncoding):
     """Rank `src` encodes with `encoder` (other ranks pass None); the arrays are broadcast to all ranks."""
-
-    def __init__(self, encoder: Optional[TextEncoding], collectives: Collectives, src: int = 0):
-        is_src = collectives.mesh.rank == src
-        if is_src and encoder is None:
-            raise ValueError(f"BroadcastTextEncoding: rank {src} encodes, so it needs an encoder")
-        self.encoder = encoder if is_src else None
-        self.collectives = collectives
-        self.src = src
 
     def encode(self, prompts: Sequence[str]) -> CaptionOutput:
         """Every rank gets the arrays; if rank `src` fails to encode, every rank raises TextEncodingFailed.
