@@ -5,17 +5,14 @@ The fixture ran the original `StepVideoPipeline.__call__` for 3 steps with a
 stored embeddings and `output_type="latent"` skipped the VAE. We do the same: a
 text encoding that replays the stored caption rows, and output_type="latent".
 """
-import json
-import shutil
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
+from stepvideo.diffusion.interfaces import CaptionOutput
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
 from stepvideo.diffusion.video_pipeline import StepVideoPipeline
 from stepvideo.modules.model import StepVideoModel
-from support import assert_parity, cases, golden, load
+from support import assert_parity, cases, golden_pipeline_dir, load
 
 INPUTS = load("pipeline", "inputs")
 OUTPUTS = load("pipeline", "outputs")
@@ -23,40 +20,22 @@ CASES = {c["name"]: c for c in cases("pipeline")["cases"]}
 PROMPT, POS, NEG = "a prompt", " +pos", "neg"
 
 
-@dataclass
-class Caption:
-    y: np.ndarray
-    y_mask: np.ndarray
-    clip_embedding: np.ndarray
-
-
 class StoredCaptions:
     """Replays the caption rows the fixture stored: row 0 = prompt + pos_magic, row 1 = neg_magic."""
 
     def __init__(self, case):
         self.case = case
-        self.calls = []
 
     def encode(self, prompts):
-        self.calls.append(list(prompts))
         assert prompts == [PROMPT + POS, NEG]
         c = self.case
-        return Caption(INPUTS[f"{c}.prompt_embeds"], INPUTS[f"{c}.prompt_attention_mask"],
-                       INPUTS[f"{c}.clip_embedding"])
+        return CaptionOutput(INPUTS[f"{c}.prompt_embeds"], INPUTS[f"{c}.prompt_attention_mask"],
+                             INPUTS[f"{c}.clip_embedding"])
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline_model")
-    (root / "transformer").mkdir()
-    (root / "scheduler").mkdir()
-    shutil.copy(golden("pipeline") / "config.json", root / "transformer" / "config.json")
-    (root / "transformer" / "diffusion_pytorch_model.safetensors").symlink_to(golden("pipeline") / "weights.safetensors")
-    shutil.copy(golden("pipeline") / "scheduler_config.json", root / "scheduler" / "scheduler_config.json")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StepVideoPipeline", "scheduler": ["stepvideo", "FlowMatchDiscreteScheduler"],
-        "transformer": ["stepvideo", "StepVideoModel"]}))
-    return root
+    return golden_pipeline_dir("pipeline", tmp_path_factory.mktemp("pipeline_model"))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

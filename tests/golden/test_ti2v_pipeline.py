@@ -6,28 +6,18 @@ HTTP calls were bypassed: `encode_prompt` returned the stored embeddings and `en
 image it was given (`preprocessed_image`) and returned the stored `image_latent`. We do the same with a
 caption replay and an image encoding that records its input and answers the stored latent.
 """
-import json
-import shutil
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
 from stepvideo.diffusion import image_condition
+from stepvideo.diffusion.interfaces import CaptionOutput
 from stepvideo.diffusion.video_pipeline import StepVideoPipeline
-from support import assert_parity, cases, golden, load
+from support import assert_parity, cases, golden_pipeline_dir, load
 
 INPUTS = load("ti2v_pipeline", "inputs")
 OUTPUTS = load("ti2v_pipeline", "outputs")
 CASES = {c["name"]: c for c in cases("ti2v_pipeline")["cases"]}
 PROMPT, POS, NEG = "a prompt", " +pos", "neg"
-
-
-@dataclass
-class Caption:
-    y: np.ndarray
-    y_mask: np.ndarray
-    clip_embedding: np.ndarray
 
 
 class StoredCaptions:
@@ -39,8 +29,8 @@ class StoredCaptions:
     def encode(self, prompts):
         c = self.case
         rows = [{PROMPT + POS: 0, NEG: 1}[p] for p in prompts]
-        return Caption(INPUTS[f"{c}.prompt_embeds"][rows], INPUTS[f"{c}.prompt_attention_mask"][rows],
-                       INPUTS[f"{c}.clip_embedding"][rows])
+        return CaptionOutput(INPUTS[f"{c}.prompt_embeds"][rows], INPUTS[f"{c}.prompt_attention_mask"][rows],
+                             INPUTS[f"{c}.clip_embedding"][rows])
 
 
 class StoredImageLatent:
@@ -58,17 +48,7 @@ class StoredImageLatent:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ti2v_pipeline_model")
-    (root / "transformer").mkdir()
-    (root / "scheduler").mkdir()
-    shutil.copy(golden("ti2v_pipeline") / "config.json", root / "transformer" / "config.json")
-    (root / "transformer" / "diffusion_pytorch_model.safetensors").symlink_to(
-        golden("ti2v_pipeline") / "weights.safetensors")
-    shutil.copy(golden("ti2v_pipeline") / "scheduler_config.json", root / "scheduler" / "scheduler_config.json")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StepVideoPipeline", "scheduler": ["stepvideo", "FlowMatchDiscreteScheduler"],
-        "transformer": ["stepvideo", "StepVideoModel"]}))
-    return root
+    return golden_pipeline_dir("ti2v_pipeline", tmp_path_factory.mktemp("ti2v_pipeline_model"))
 
 
 def run(model_dir, case, **overrides):
