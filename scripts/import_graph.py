@@ -1,10 +1,11 @@
-"""Which part of `stepvideo/` imports which: one line per importing part, read from the source.
+"""Which part of `stepvideo/` imports which, at module level and inside functions, read from the source.
 
-    python scripts/import_graph.py [--root stepvideo]
+    python scripts/import_graph.py [--root stepvideo] [--oneline]
 
-A part is a subpackage (`stepvideo/serving/`) or a top-level module (`stepvideo/backend.py`);
-imports inside functions count as well as those at the top, and an edge made only of such
-imports is marked `(lazy)`. Edges within one part are left out.
+A part is a subpackage (`stepvideo/serving/`) or a top-level module (`stepvideo/backend.py`).
+Each part gets two lists: what its modules import at module level, and what they import
+only inside functions (marked `(lazy)` in the one-line form, `--oneline`). Edges within one
+part are left out.
 Used to check that dependencies point one way (models <- pipeline <- parallel / serving <- entry).
 """
 from __future__ import annotations
@@ -58,11 +59,19 @@ def graph(root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="stepvideo", help="the package folder")
-    root = Path(parser.parse_args().root)
-    edges = graph(root)
+    parser.add_argument("--oneline", action="store_true", help="one line a part, function-level edges marked (lazy)")
+    args = parser.parse_args()
+    edges = graph(Path(args.root))
     for src, dsts in edges.items():
-        shown = [d if at_top else f"{d} (lazy)" for d, at_top in dsts.items()]
-        print(f"{src:14s} -> {', '.join(shown) if shown else '(nothing)'}")
+        top = [d for d, at_top in dsts.items() if at_top]
+        lazy = [d for d, at_top in dsts.items() if not at_top]
+        if args.oneline:
+            shown = top + [f"{d} (lazy)" for d in lazy]
+            print(f"{src:14s} -> {', '.join(shown) if shown else '(nothing)'}")
+        else:
+            print(f"{src:14s} module level:   {', '.join(top) or '-'}")
+            if lazy:
+                print(f"{'':14s} in functions:   {', '.join(lazy)}")
     cycles = sorted({tuple(sorted((a, b))) for a, ds in edges.items() for b in ds if a in edges.get(b, ())})
     print("two-way:", ", ".join(f"{a} <-> {b}" for a, b in cycles) if cycles else "none")
 

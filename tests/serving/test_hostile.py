@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import read_status
 from stepvideo.serving import wire
 from stepvideo.serving.client import RemoteCaption, RemoteVae, ServiceError
 
@@ -43,16 +44,6 @@ def raw_request(url: str, body: bytes, declared: int = None, path: str = "/vae-a
             f"Content-Length: {len(body) if declared is None else declared}\r\n\r\n").encode()
     s.sendall(head + body)
     return s
-
-
-def read_status(s: socket.socket) -> int:
-    answer = b""
-    while b"\r\n" not in answer:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        answer += chunk
-    return int(answer.split(b" ", 2)[1]) if answer else 0
 
 
 def health(url: str) -> dict:

@@ -16,6 +16,8 @@ import pickle
 import socket
 import statistics
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import SERVER, free_port, ipv6_loopback
+from conftest import SERVER, free_port, ipv6_loopback, read_status
 from stepvideo.serving import wire
 from stepvideo.serving.client import RemoteCaption, RemoteVae, ServiceError
 from stepvideo.diffusion.interfaces import LocalCaption, LocalVae
@@ -143,13 +145,7 @@ def raw_status(host: str, port: int, data: bytes) -> int:
     """Send raw bytes, return the status code of the answer (for what httpx refuses to send)."""
     with socket.create_connection((host, port), timeout=30) as s:
         s.sendall(data)
-        answer = b""
-        while b"\r\n" not in answer:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    return int(answer.split(b" ", 2)[1])
+        return read_status(s)
 
 
 def malformed_requests(marker: str):
@@ -487,28 +483,23 @@ def test_command_line_defaults_and_errors(tmp_path, monkeypatch, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
 
 
-def test_public_address_without_token_warns(tmp_path):
-    """192.0.2.1 (TEST-NET-1) is not on this machine: the warning comes, then a clear bind error."""
-    import subprocess
-    import sys
-
+def run_server_script(*args: str) -> subprocess.CompletedProcess:
+    """`python api/call_remote_server.py ARGS` to its end (no token in its environment), output captured."""
     env = {k: v for k, v in os.environ.items() if k != "STEPVIDEO_API_TOKEN"}
     env.update(GLOG_v="3", PYTHONPATH=str(SERVER.parents[1]))
-    r = subprocess.run([sys.executable, str(SERVER), "--model_dir", str(tmp_path), "--host", "192.0.2.1",
-                        "--port", "0"], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, str(SERVER), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_public_address_without_token_warns(tmp_path):
+    """192.0.2.1 (TEST-NET-1) is not on this machine: the warning comes, then a clear bind error."""
+    r = run_server_script("--model_dir", str(tmp_path), "--host", "192.0.2.1", "--port", "0")
     assert r.returncode == 1, r.stderr
     assert "WARNING: binding 192.0.2.1 without a token" in r.stderr
     assert "error: cannot bind 192.0.2.1:0" in r.stderr
 
 
 def test_missing_model_files_give_a_one_line_error(tmp_path):
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "STEPVIDEO_API_TOKEN"}
-    env.update(GLOG_v="3", PYTHONPATH=str(SERVER.parents[1]))
-    r = subprocess.run([sys.executable, str(SERVER), "--model_dir", str(tmp_path), "--enable_llm", "False",
-                        "--port", "0"], capture_output=True, text=True, env=env, timeout=120)
+    r = run_server_script("--model_dir", str(tmp_path), "--enable_llm", "False", "--port", "0")
     assert r.returncode == 1, r.stderr
     assert f"error: cannot load the models from {tmp_path}: " in r.stderr and "vae_v2.safetensors" in r.stderr
     assert "Traceback" not in r.stderr

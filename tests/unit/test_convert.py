@@ -24,6 +24,13 @@ def _stored(path):
     return st.from_bytes(path.read_bytes(), str(path))
 
 
+def _converted(tmp_path, bin_name, **options):
+    """(summary, what was written as `_stored` gives it, the fixture's expected tensors) of converting `bin_name`."""
+    out = tmp_path / "model.safetensors"
+    summary = convert.convert(str(CONVERT / bin_name), str(out), str(CONFIG), **options)
+    return summary, _stored(out), st.load_file(CONVERT / bin_name.replace(".bin", ".expected.safetensors"))
+
+
 def _source_dtypes(bin_name):
     with TorchCheckpoint(CONVERT / bin_name) as ckpt:
         return {(n[len("bert."):] if n.startswith("bert.") else n): r.dtype for n, r in ckpt.tensors.items()}
@@ -32,11 +39,7 @@ def _source_dtypes(bin_name):
 @pytest.mark.parametrize("bin_name", GOOD)
 def test_good_checkpoints_convert_exactly(tmp_path, bin_name):
     case = CASES[bin_name]
-    out = tmp_path / "model.safetensors"
-    summary = convert.convert(str(CONVERT / bin_name), str(out), str(CONFIG))
-
-    expected = st.load_file(CONVERT / bin_name.replace(".bin", ".expected.safetensors"))
-    stored = _stored(out)
+    summary, stored, expected = _converted(tmp_path, bin_name)
     assert sorted(stored) == sorted(expected)
     assert sorted(summary.dropped) == sorted(case["dropped"])
     assert sorted(summary.source_dtypes) == sorted(case["dtypes"])
@@ -53,19 +56,15 @@ def test_good_checkpoints_convert_exactly(tmp_path, bin_name):
 
 
 def test_dtype_float32_widens_exactly(tmp_path):
-    out = tmp_path / "model.safetensors"
-    convert.convert(str(CONVERT / "clip_mixed.bin"), str(out), str(CONFIG), dtype="float32")
-    expected = st.load_file(CONVERT / "clip_mixed.expected.safetensors")
-    for name, (arr, dtype) in _stored(out).items():
+    _, stored, expected = _converted(tmp_path, "clip_mixed.bin", dtype="float32")
+    for name, (arr, dtype) in stored.items():
         assert dtype == "F32"
         assert np.array_equal(arr, expected[name].astype(np.float32)), name
 
 
 def test_dtype_bfloat16_rounds_to_nearest(tmp_path):
-    out = tmp_path / "model.safetensors"
-    convert.convert(str(CONVERT / "clip_plain.bin"), str(out), str(CONFIG), dtype="bfloat16")
-    expected = st.load_file(CONVERT / "clip_plain.expected.safetensors")
-    for name, (bits, dtype) in _stored(out).items():
+    _, stored, expected = _converted(tmp_path, "clip_plain.bin", dtype="bfloat16")
+    for name, (bits, dtype) in stored.items():
         assert dtype == "BF16"
         value = (bits.astype(np.uint32) << 16).view(np.float32)
         ref = expected[name]
