@@ -93,14 +93,23 @@ class BertSelfAttention(nn.Cell):
         return out.contiguous().reshape(b, s, hidden)
 
 
-class BertSelfOutput(nn.Cell):
-    def __init__(self, hidden_size: int, eps: float):
+class BertOutput(nn.Cell):
+    """LayerNorm(dense(x) + residual), dense `in_size` -> `hidden_size` (after the FFN: in_size = intermediate)."""
+
+    def __init__(self, hidden_size: int, in_size: int, eps: float):
         super().__init__()
-        self.dense = Linear(hidden_size, hidden_size, dtype=FP32)
+        self.dense = Linear(in_size, hidden_size, dtype=FP32)
         self.LayerNorm = LayerNorm(hidden_size, eps=eps, dtype=FP32)
 
     def construct(self, hidden_states: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dense(hidden_states) + residual)
+
+
+class BertSelfOutput(BertOutput):
+    """After the attention: the same with a square dense layer."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__(hidden_size, hidden_size, eps)
 
 
 class BertAttention(nn.Cell):
@@ -120,16 +129,6 @@ class BertIntermediate(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         return gelu_erf(self.dense(x))
-
-
-class BertOutput(nn.Cell):
-    def __init__(self, hidden_size: int, intermediate_size: int, eps: float):
-        super().__init__()
-        self.dense = Linear(intermediate_size, hidden_size, dtype=FP32)
-        self.LayerNorm = LayerNorm(hidden_size, eps=eps, dtype=FP32)
-
-    def construct(self, hidden_states: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dense(hidden_states) + residual)
 
 
 class BertLayer(nn.Cell):
