@@ -1,9 +1,8 @@
-"""Helpers shared by the tests: where the golden fixtures are, the parity rule, a golden pipeline's model folder."""
+"""Helpers shared by the tests: where the golden fixtures are, and the parity rule."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,17 +48,3 @@ def assert_parity(port, ref, what: str, tol: float = 1e-4) -> float:
     assert err <= tol, f"{what}: scaled error {err:.3e} > {tol:.0e}"
     print(f"parity {what}: {err:.3e}")
     return err
-
-
-def golden_pipeline_dir(component: str, root: Path) -> Path:
-    """`root` made a model folder (model_index.json, transformer/, scheduler/) for golden `component`'s
-    1-layer DiT: its configs copied, its weights linked. Returns `root`."""
-    (root / "transformer").mkdir()
-    (root / "scheduler").mkdir()
-    shutil.copy(golden(component) / "config.json", root / "transformer" / "config.json")
-    (root / "transformer" / "diffusion_pytorch_model.safetensors").symlink_to(golden(component) / "weights.safetensors")
-    shutil.copy(golden(component) / "scheduler_config.json", root / "scheduler" / "scheduler_config.json")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StepVideoPipeline", "scheduler": ["stepvideo", "FlowMatchDiscreteScheduler"],
-        "transformer": ["stepvideo", "StepVideoModel"]}))
-    return root

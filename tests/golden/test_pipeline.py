@@ -5,14 +5,14 @@ The fixture ran the original `StepVideoPipeline.__call__` for 3 steps with a
 stored embeddings and `output_type="latent"` skipped the VAE. We do the same: a
 text encoding that replays the stored caption rows, and output_type="latent".
 """
-import numpy as np
 import pytest
 
-from stepvideo.diffusion.interfaces import CaptionOutput
+from pipeline_fixtures import StoredCaptions as ReplayedCaptions
+from pipeline_fixtures import golden_pipeline_dir
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
 from stepvideo.diffusion.video_pipeline import StepVideoPipeline
 from stepvideo.modules.model import StepVideoModel
-from support import assert_parity, cases, golden_pipeline_dir, load
+from support import assert_parity, cases, load
 
 INPUTS = load("pipeline", "inputs")
 OUTPUTS = load("pipeline", "outputs")
@@ -20,17 +20,15 @@ CASES = {c["name"]: c for c in cases("pipeline")["cases"]}
 PROMPT, POS, NEG = "a prompt", " +pos", "neg"
 
 
-class StoredCaptions:
-    """Replays the caption rows the fixture stored: row 0 = prompt + pos_magic, row 1 = neg_magic."""
+class StoredCaptions(ReplayedCaptions):
+    """The fixture's caption rows: row 0 = prompt + pos_magic, row 1 = neg_magic, asked for together."""
 
     def __init__(self, case):
-        self.case = case
+        super().__init__(INPUTS, case, [PROMPT + POS, NEG])
 
     def encode(self, prompts):
         assert prompts == [PROMPT + POS, NEG]
-        c = self.case
-        return CaptionOutput(INPUTS[f"{c}.prompt_embeds"], INPUTS[f"{c}.prompt_attention_mask"],
-                             INPUTS[f"{c}.clip_embedding"])
+        return super().encode(prompts)
 
 
 @pytest.fixture(scope="module")

@@ -9,28 +9,15 @@ caption replay and an image encoding that records its input and answers the stor
 import numpy as np
 import pytest
 
+from pipeline_fixtures import StoredCaptions, golden_pipeline_dir
 from stepvideo.diffusion import image_condition
-from stepvideo.diffusion.interfaces import CaptionOutput
 from stepvideo.diffusion.video_pipeline import StepVideoPipeline
-from support import assert_parity, cases, golden_pipeline_dir, load
+from support import assert_parity, cases, load
 
 INPUTS = load("ti2v_pipeline", "inputs")
 OUTPUTS = load("ti2v_pipeline", "outputs")
 CASES = {c["name"]: c for c in cases("ti2v_pipeline")["cases"]}
 PROMPT, POS, NEG = "a prompt", " +pos", "neg"
-
-
-class StoredCaptions:
-    """Replays the caption rows the fixture stored: row 0 = prompt + pos_magic, row 1 = neg_magic."""
-
-    def __init__(self, case):
-        self.case = case
-
-    def encode(self, prompts):
-        c = self.case
-        rows = [{PROMPT + POS: 0, NEG: 1}[p] for p in prompts]
-        return CaptionOutput(INPUTS[f"{c}.prompt_embeds"][rows], INPUTS[f"{c}.prompt_attention_mask"][rows],
-                             INPUTS[f"{c}.clip_embedding"][rows])
 
 
 class StoredImageLatent:
@@ -54,7 +41,7 @@ def model_dir(tmp_path_factory):
 def run(model_dir, case, **overrides):
     spec = CASES[case]
     images = StoredImageLatent(case)
-    pipe = StepVideoPipeline.from_pretrained(model_dir, text_encoding=StoredCaptions(case), image_encoding=images)
+    pipe = StepVideoPipeline.from_pretrained(model_dir, text_encoding=StoredCaptions(INPUTS, case, [PROMPT + POS, NEG]), image_encoding=images)
     steps = []
     kwargs = dict(prompt=PROMPT, pos_magic=POS, neg_magic=NEG, height=spec["height"], width=spec["width"],
                   num_frames=spec["num_frames"], latents=INPUTS[f"{case}.latents"],
