@@ -14,7 +14,7 @@ the same port fails at once; while the models load, GET /health answers 503
 {"status": "loading", ...}. Once they are loaded it prints one line per service,
 e.g. `caption_url: http://127.0.0.1:5000`; pass those to the DiT job as
 --caption_url / --vae_url. Endpoints and wire format: `stepvideo/serving/server.py`;
-port, loading answers and graceful stop: `stepvideo/serving/running.py`.
+port and loading answers: `stepvideo/serving/listening.py`; graceful stop: `stepvideo/serving/running.py`.
 
 Unlike the original (which bound 0.0.0.0 and unpickled request bodies, so anyone
 who reached the port could run code), it binds 127.0.0.1 unless --host says
@@ -37,7 +37,7 @@ except ImportError:  # run as `python api/call_remote_server.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepvideo.serving import wire  # noqa: E402
-from stepvideo.serving.server import DEFAULT_MAX_BODY_MB, Limits  # noqa: E402
+from stepvideo.serving.limits import DEFAULT_MAX_BODY_MB, Costs, Limits  # noqa: E402
 
 log = logging.getLogger("stepvideo.serving")
 
@@ -117,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
-    """What one request may cost and how long clients may take (stepvideo/serving/server.py Limits)."""
+    """What one request may cost and how long clients may take (stepvideo/serving/limits.py Limits)."""
     group = parser.add_argument_group("request limits")
     group.add_argument("--max_memory_gb", type=float, default=None,
                        help="refuse (413) a request whose estimated memory (weights + activations + output, "
@@ -146,7 +146,6 @@ def limits_and_costs(args: argparse.Namespace, caption, vae, info):
 
     from stepvideo.checkpoint import named_parameters
     from stepvideo.serving.costs import CaptionCost, VaeCost, default_memory_limit_gb
-    from stepvideo.serving.server import Costs
 
     def weight_bytes(*cells) -> int:
         return sum(p.nbytes for cell in cells for p in named_parameters(cell).values())
@@ -189,9 +188,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from stepvideo.serving import running, server
+    from stepvideo.serving import listening  # the standard library only: the port is checked in about a second
 
-    if not running.is_loopback(args.host) and not args.token:
+    if not listening.is_loopback(args.host) and not args.token:
         print(f"WARNING: binding {args.host} without a token: anyone who can reach this port can use the "
               f"services. Set --token or {wire.TOKEN_ENV}.", file=sys.stderr, flush=True)
     if args.warn_memory:
@@ -200,13 +199,15 @@ def main(argv=None) -> int:
                     "must fit in one device's memory together; if they do not, run two services, "
                     "--enable_llm True and --enable_vae True, on two devices")
     try:
-        sock = running.bind_socket(args.host, args.port)  # listening now: a taken port fails before any loading
+        sock = listening.bind_socket(args.host, args.port)  # listening now: a taken port fails before any loading
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     models = {"caption": args.enable_llm, "vae": args.enable_vae}
-    responder = running.LoadingResponder(sock, models, max_body_bytes=int(args.max_body_mb * 2**20)).start()
-    log.info("listening on %s; loading %s", running.url_for(sock), " and ".join(m for m, on in models.items() if on))
+    responder = listening.LoadingResponder(sock, models, max_body_bytes=int(args.max_body_mb * 2**20)).start()
+    log.info("listening on %s; loading %s", listening.url_for(sock), " and ".join(m for m, on in models.items() if on))
+
+    from stepvideo.serving import running, server  # the web framework, imported while the port answers "loading"
 
     loaded = load_models(args)
     responder.stop()  # the socket keeps listening; uvicorn answers the queued connections
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     app = server.create_app(caption, vae, token=args.token, limits=limits, device=info.device,
                             dtype=str(info.compute_dtype).lower(), vae_channels=vae.z_channels if vae else 64,
                             costs=costs)
-    url = running.url_for(sock)
+    url = listening.url_for(sock)
 
     def ready():
         for name, on in (("caption_url", caption), ("vae_url", vae)):
