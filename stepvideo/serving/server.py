@@ -33,7 +33,6 @@ import contextlib
 import hmac
 import logging
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
