@@ -42,8 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from stepvideo.contracts import check_seed, check_video_shape
 from stepvideo.serving import wire
 from stepvideo.serving.costs import Estimate, OverBudget, check_budget
-from stepvideo.serving.limits import Costs, Limits
 from stepvideo.serving.http_io import ApiError, error_response, read_body, require_media_type, tensor_response
+from stepvideo.serving.limits import Costs, Limits
 from stepvideo.serving.model_worker import ModelWorker, run_for_client
 
 if TYPE_CHECKING:  # the models come in built; importing them here would pull in MindSpore
