@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from stepvideo.serving import listening  # the standard library only: the port is checked in about a second
+    from stepvideo.serving import listening  # no web framework: the port is checked in about a second
 
     if not listening.is_loopback(args.host) and not args.token:
         print(f"WARNING: binding {args.host} without a token: anyone who can reach this port can use the "

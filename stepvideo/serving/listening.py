@@ -5,8 +5,8 @@
     ...load the models, build the app...
     responder.stop()                                     # then `stepvideo.serving.running.serve(app, sock, ...)`
 
-Standard library only, so a service binds its port before importing the web framework and the
-models: a second service on a taken port fails in about a second.
+No web framework here (sockets and threads, the wire's path names), so a service binds its port
+before importing FastAPI and the models: a second service on a taken port fails in about a second.
 """
 from __future__ import annotations
 
