@@ -12,6 +12,9 @@ input dtype, as the fused kernels return them.
     table = ascend_table()                 # backend.ascend_kernels(this module, StandinComm())
     with backend.using(table): ...         # the Ascend branches of backend run on the CPU
 
+The golden tests take the fixture `kernel_table` (`from ascend_standins import kernel_table`): each
+golden case runs once with the device's own table and once with this Ascend table.
+
 `bf16_emulation(table)` wraps a table for the bf16 mode (see its docstring).
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable
 
 import mindspore as ms
 import numpy as np
+import pytest
 from mindspore import Tensor, mint, nn, ops
 from mindspore.mint import distributed as md
 
@@ -280,6 +284,28 @@ def ascend_table(compute_dtype=ms.float32) -> backend.Kernels:
     """The Ascend kernel table with this module's stand-ins (fp32 compute by default: the CPU path)."""
     return backend.ascend_kernels(sys.modules[__name__], StandinComm(), compute_dtype=compute_dtype,
                                   name="ascend-standin")
+
+
+KERNEL_TABLES = ("default", "ascend-standin")
+
+
+@pytest.fixture(params=KERNEL_TABLES)
+def kernel_table(request):
+    """The test once with the table `backend.init` chose (on a CPU the exact fp32 kernels), once with the
+    Ascend table on these stand-ins in float32, where the golden tolerances hold unchanged.
+
+    In float32 the Ascend table takes its fused RmsNorm, Ascend GELU and LayerNorm modulation and the
+    exact branch of its attention (FlashAttentionScore takes bf16/fp16 only: test_ascend_mode.py runs
+    that branch in bf16). Eager models built under either table can run under the other (both compute
+    in float32 and dispatch per call); a compiled graph keeps the kernels it was compiled with, so a
+    test that compiles builds its model inside the fixture's table.
+    """
+    if request.param == "default":
+        yield backend.kernels()
+        return
+    with backend.using(ascend_table()) as table:
+        yield table
+        assert backend.kernels() is table, f"{request.node.name} replaced the Ascend table it was given"
 
 
 # --------------------------------------------------------------------------- bf16 emulation
