@@ -233,3 +233,31 @@ def test_install_swaps_and_restores_the_table():
     assert backend.kernels() is before
     with pytest.raises(TypeError, match="Kernels"):
         backend.install({"attention": None})
+
+
+# --------------------------------------------------------------------------- which Ascend NPU
+
+
+@pytest.mark.parametrize("soc", ["Ascend910B1", "Ascend910B2", "Ascend910B2C", "Ascend910B3", "Ascend910B4",
+                                 "Ascend910B4-1", "Ascend910_9391", "Ascend910_9382"])
+def test_atlas_a2_and_a3_npus_are_accepted(soc):
+    """The 910B branch of `backend.init`: the SoC name MindSpore reports, accepted unchanged."""
+    assert backend.check_ascend_soc(soc, 3) == soc
+
+
+@pytest.mark.parametrize("soc", ["Ascend910A", "Ascend910B", "Ascend910ProA", "Ascend910ProB", "Ascend910PremiumA"])
+def test_first_generation_910_is_refused_naming_found_and_required(soc):
+    """The 910A branch: no bf16 compute, no FlashAttentionScore; refused before any model loads.
+    ("Ascend910B" without a digit is a first-generation part, not an Atlas A2 NPU.)"""
+    with pytest.raises(RuntimeError) as refused:
+        backend.check_ascend_soc(soc, 3)
+    message = str(refused.value)
+    assert f"Ascend device 3 is {soc!r}: a first-generation Ascend 910" in message
+    assert "no bf16 compute and no FlashAttentionScore" in message
+    assert "needs an Atlas A2/A3 training NPU (Ascend910B1-B4 or Ascend910_93xx" in message
+
+
+@pytest.mark.parametrize("soc", ["Ascend310P3", "", "Ascend950PR"])
+def test_other_npus_are_refused(soc):
+    with pytest.raises(RuntimeError, match=rf"Ascend device 0 is {soc!r}: not an Ascend NPU with bf16 compute"):
+        backend.check_ascend_soc(soc)
