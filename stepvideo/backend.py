@@ -372,9 +372,19 @@ def ascend_kernels(device_ops: Any = ops, comm: Any = None, compute_dtype: ms.dt
                    native_collectives=True, comm=comm)
 
 
+# FlashAttentionScore's compressed causal mask (sparse_mode 2, 3, 4 take it instead of an (S1, S2) mask).
+CAUSAL_MASK_SIZE = 2048
+
+
 def _flash_attention(device_ops, q, k, v, mask, causal, scale):
     """FlashAttentionScore in the BSND layout; its mask flags the positions to discard (True = drop)."""
     heads = q.shape[2]
+    if causal and mask is None:
+        # sparse_mode 2 (leftUpCausal: query i keeps keys j <= i) with the fixed 2048 x 2048 mask: the VAE's
+        # 42,160 positions at 544 x 992 would otherwise need a 1.8 GB (S, S) mask (docs/ascend.md).
+        compressed = ops.triu(ops.ones((CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE), ms.bool_), 1)
+        return device_ops.flash_attention_score(q, k, v, heads, attn_mask=compressed, scalar_value=scale,
+                                                input_layout="BSND", sparse_mode=2)
     drop = None
     if mask is not None:
         keep = mask if mask.ndim == 4 else mask.expand_dims(1)

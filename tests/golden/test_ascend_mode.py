@@ -185,7 +185,7 @@ def rms_norm_reference_order(x: np.ndarray, weight: np.ndarray, eps: float) -> n
     return standins.bf16_array(standins.bf16_array(normed) * weight.astype(np.float32))
 
 
-def test_fused_rms_norm_rounding_order_on_the_dit_qk_norms(bf16_mode, tmp_path):
+def test_fused_rms_norm_rounding_order_bf16_dit_qk_norms(bf16_mode, tmp_path):
     """Review finding (docs/ascend.md): the fused RmsNorm rounds once, after the weight product; the original
     rounds the normalised value, then the product. On the q/k norms of golden case c0 in bf16 the two orders
     differ by at most one bf16 rounding step of the result (2^-7 relative: the product of two roundings)."""

@@ -87,6 +87,22 @@ def test_flash_attention_mask_shapes_and_grouped_heads(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=IDS)
+def test_flash_attention_compressed_causal_modes(impl):
+    """sparse_mode 2 (leftUpCausal) and 3 (rightDownCausal) with the 2048 x 2048 compressed mask, S1 < S2."""
+    b, s1, s2, n, d = 1, 5, 8, 2, 16
+    q, k, v = (f32(bf16(rng.standard_normal((b, s, n, d)))) for s in (s1, s2, s2))
+    compressed = Tensor(np.triu(np.ones((2048, 2048), bool), 1))
+    i, j = np.arange(s1)[:, None], np.arange(s2)[None, :]
+    for mode, drop in ((2, j > i), (3, j > i + s2 - s1)):
+        out = impl.flash_attention_score(bf16(q), bf16(k), bf16(v), n, attn_mask=compressed, scalar_value=d ** -0.5,
+                                         input_layout="BSND", sparse_mode=mode)
+        assert rel(f32(out), attention64(q, k, v, drop[None, None])) <= BF16_OUT, mode
+    with pytest.raises(RuntimeError, match=None if impl is not standins else "compressed attn_mask"):
+        impl.flash_attention_score(bf16(q), bf16(k), bf16(v), n, attn_mask=Tensor(j > i), input_layout="BSND",
+                                   sparse_mode=2)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=IDS)
 def test_flash_attention_documented_errors(impl):
     """The documented exception types; the messages are checked for the stand-in only."""
     q = bf16(rng.standard_normal((1, 4, 2, 16)))
@@ -184,15 +200,21 @@ def test_attention_takes_flash_branch_with_row_masks(ascend_bf16, monkeypatch):
     assert rel(f32(out), f32(exact)) <= 2 * BF16_OUT
 
 
-def test_attention_flash_branch_causal_and_4d_mask(ascend_bf16):
+def test_attention_flash_branch_causal_and_4d_mask(ascend_bf16, monkeypatch):
+    calls = []
+    real = standins.flash_attention_score
+    monkeypatch.setattr(standins, "flash_attention_score", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     q, k, v = (f32(bf16(rng.standard_normal((1, 7, 2, 16)))) for _ in range(3))
     i, j = np.arange(7)[:, None], np.arange(7)[None, :]
     out = backend.attention(bf16(q), bf16(k), bf16(v), causal=True)  # VAE mid-block form
     assert rel(f32(out), attention64(q, k, v, (j > i)[None, None])) <= BF16_OUT
+    # causal alone: the compressed 2048 x 2048 mask, not an (S, S) one (1.8 GB for the VAE at 544 x 992)
+    assert calls[-1]["sparse_mode"] == 2 and tuple(calls[-1]["attn_mask"].shape) == (2048, 2048)
     keep = rng.random((1, 2, 7, 7)) < 0.7
     keep[..., 0] = True
     out = backend.attention(bf16(q), bf16(k), bf16(v), mask=Tensor(keep), causal=True)
     assert rel(f32(out), attention64(q, k, v, ~keep | (j > i)[None, None])) <= BF16_OUT
+    assert "sparse_mode" not in calls[-1] and tuple(calls[-1]["attn_mask"].shape) == (1, 2, 7, 7)
 
 
 def test_attention_with_bias_or_fp32_takes_exact_branch(ascend_bf16, monkeypatch):
