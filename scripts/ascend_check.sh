@@ -13,7 +13,8 @@
 #      and the fused RmsNorm against the original's rounding order;
 #   3. msrun on HCCL with the tiny checkpoint: Ulysses 2, and Ulysses 2 x pipeline 2, Ulysses 4,
 #      pipeline 4 on 4 NPUs, against the single-NPU run (bound 0.012, the DiT bf16 bound);
-#   4. the compiled DiT (default) against --eager on one NPU (same bound);
+#   4. the compiled DiT (default) against --eager on one NPU (same bound), and --offload blocks (the
+#      copy stream of backend.weight_copy_stream) against the resident DiT;
 #   5. with MODEL_DIR: one timed denoising step (2 steps run) at 544 x 992 x 204 for the three 4-NPU
 #      layouts, projected to 50 steps, and the caption / VAE services' /health.
 # Settings: MODEL_DIR (published checkpoint, optional), CAPTION_DEVICES (default 4), VAE_DEVICES (5),
@@ -119,6 +120,11 @@ eager() {
     && compare "eager vs compiled" "$WORK/single.safetensors" "$WORK/eager.safetensors"
 }
 step "4. compiled DiT against --eager" eager
+offload() {
+  "$PYTHON" run_parallel.py $(tiny_args "$WORK/offload.safetensors") --ulysses_degree 1 --offload blocks \
+    && compare "--offload blocks vs resident" "$WORK/single.safetensors" "$WORK/offload.safetensors"
+}
+step "4b. --offload blocks (block weights copied on their own stream) against the resident DiT" offload
 
 # ----------------------------------------------------------------------------- 5: timing and services
 if [ -n "${MODEL_DIR:-}" ]; then
