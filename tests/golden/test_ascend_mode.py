@@ -18,10 +18,9 @@ import ascend_standins as standins
 from dit_fixtures import call_kwargs, transformer_folder
 from stepvideo import backend
 from stepvideo.modules.model import StepVideoModel
-from stepvideo.text_encoder.clip import HunyuanClip
 from stepvideo.text_encoder.stepllm import STEP1TextEncoder
 from stepvideo.vae.vae import AttnBlock
-from support import assert_parity, cases, golden, load, parity_error
+from support import cases, golden, load, parity_error
 from synthetic_weights import rule_weights
 
 DIT_CASES = ("c0", "c1", "c2")
