@@ -327,7 +327,9 @@ def cmd_ascend(args) -> str:
              f"cache ({gib(p['all_blocks'])} GiB) for all NPUs of the server; 'host memory read' is what the "
              f"streaming NPUs of one server read from it per second (assumed host bandwidth {sa.host_memory_gbs:.0f} "
              "GB/s). Same peak, utilisations and link as the Ulysses 2 x pipeline 2 projection above; nothing here "
-             "was measured on Ascend, and the streaming code's Ascend path (copy stream + events) has not run.")
+             "was measured on Ascend; the streaming code's Ascend path (copy stream + events) has run only on CPU "
+             "kernels through a stand-in of the stream API (tests/unit/test_streaming.py: the bits and the order of the "
+             "stream calls, not real asynchrony).")
     return memory + "\n\n" + timing + "\n\n" + notes
 
 
