@@ -16,7 +16,6 @@ and event calls so the test checks their order.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import re
 import struct
@@ -109,10 +108,8 @@ def test_streamed_dit_equals_resident_bitwise(dit_folders, dtype, jit, in_tmp):
 class StandinEvent:
     """`mindspore.runtime.Event` as `DeviceSlots` uses it: returned by `Stream.record_event()`, `synchronize()`."""
 
-    _ids = itertools.count()
-
     def __init__(self, log: list, stream: "StandinStream"):
-        self.id, self.stream, self.log = next(self._ids), stream, log
+        self.id, self.stream, self.log = len(log), stream, log  # unique: each event's record adds a log entry
 
     def synchronize(self) -> None:
         self.log.append(("synchronize", self.stream.name, self.id))
