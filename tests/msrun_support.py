@@ -54,11 +54,16 @@ BATCH_BEGIN = "=== batch run"
 BATCH_END = "=== batch end"
 
 
+# MS_NODE_TIMEOUT bounds two waits: the scheduler's for a dead worker's heartbeat, and a collective's for a
+# late peer (measured: a broadcast whose peer came 16 s late failed after 10.0 s with 10). Jobs default to 10,
+# so a failing job ends soon; jobs whose ranks wait for a peer's first compile (a pipeline stage for the one
+# before it) pass PEER_WAIT, as a loaded 2-core machine can take more than 10 s to compile a stage.
+PEER_WAIT = {"MS_NODE_TIMEOUT": "30"}
+
+
 def job_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = dict(os.environ)
-    env.update({"GLOG_v": "3", "PYTHONPATH": str(ROOT), "STEPVIDEO_DEVICE": "cpu",
-                # A dead worker is noticed by the scheduler after this many seconds (default 30).
-                "MS_NODE_TIMEOUT": "10"})
+    env.update({"GLOG_v": "3", "PYTHONPATH": str(ROOT), "STEPVIDEO_DEVICE": "cpu", "MS_NODE_TIMEOUT": "10"})
     env.update(extra or {})
     return env
 
@@ -101,6 +106,7 @@ def run_batch(runs: Dict[str, Sequence[str]], workers: int, workdir: Path, timeo
     """
     spec = workdir / f"batch-{time.monotonic_ns()}.json"
     spec.write_text(json.dumps([{"name": name, "argv": list(argv)} for name, argv in runs.items()]))
+    env = {**PEER_WAIT, **(env or {})}
     if workers:
         return run_msrun(BATCH_WORKER, [str(spec)], workers, workdir, timeout, env)
     return run_single(BATCH_WORKER, [str(spec)], workdir, timeout, env)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msrun_support import ROOT, no_leftovers, run_msrun, run_single
+from msrun_support import PEER_WAIT, ROOT, no_leftovers, run_msrun, run_single
 from stepvideo.utils import safetensors_io as st
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -31,7 +31,8 @@ def test_sp2_pp2_on_standins_matches_single_process(tmp_path, tiny_checkpoint):
                             ["--ulysses_degree", "1"], tmp_path)
         assert single.returncode == 0, single.console[-3000:]
         job = run_msrun(STANDIN_RUN, args(tmp_path / "standin.safetensors") + ["--ulysses_degree", "2",
-                                                                               "--pp_degree", "2"], 4, tmp_path)
+                                                                               "--pp_degree", "2"], 4, tmp_path,
+                        env=PEER_WAIT)  # stage 1 waits for stage 0's first compile
         print(f"stand-in sp2 x pp2: {job.seconds:.1f} s")
         assert job.returncode == 0, job.console[-5000:]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msrun_support import ROOT, free_port, run_command, run_msrun
+from msrun_support import PEER_WAIT, ROOT, free_port, run_command, run_msrun
 from parity_runs import PROMPT, RUNS, STEPS, VIDEOS, run_args
 from stepvideo.utils import safetensors_io as st
 
@@ -82,7 +82,8 @@ def test_launcher_script_runs_pp2(model_dir, workdir, single):
     args = args[:args.index("--device")] + args[args.index("--device") + 2:]  # the script passes DEVICE
     args[args.index("--output_type") + 1] = "mp4"  # rank 0 decodes with the tiny VAE and writes the video
     args += ["--save_path", str(workdir / "videos")]
-    env = {"MODEL_DIR": str(model_dir), "ULYSSES": "1", "PP": "2", "DEVICE": "cpu", "LOG_DIR": str(log_dir)}
+    env = {"MODEL_DIR": str(model_dir), "ULYSSES": "1", "PP": "2", "DEVICE": "cpu", "LOG_DIR": str(log_dir),
+           **PEER_WAIT}  # stage 1 waits for stage 0 to compile its 3 blocks
     job = run_command(["bash", str(ROOT / "scripts" / "run_parallel.sh"), *args[2:]], workdir, 240, env, log_dir)
     print(f"launcher pp2: {job.seconds:.1f} s")
     assert job.returncode == 0, job.console[-5000:]
