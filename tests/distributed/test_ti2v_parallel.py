@@ -1,8 +1,9 @@
 """Step-Video-TI2V under real msrun jobs, CPU fp32.
 
 1. The golden TI2V DiT (ti2v_dit: 2 heads, 2 blocks) split over one 4-worker job's meshes, built one after
-   another in the same processes: Ulysses 2 x pipeline 2, tensor 2 x pipeline 2, CFG 2 x Ulysses 2 and
-   CFG 2 x tensor 2 (2 heads allow no tensor x Ulysses). The condition latent joins the latent before
+   another in the same processes: Ulysses 2 x pipeline 2 (resident, then streamed blocks), tensor 2 x
+   pipeline 2, CFG 2 x Ulysses 2 and CFG 2 x tensor 2 (2 heads allow no tensor x Ulysses). The condition
+   latent joins the latent before
    the patch embedding, so its tokens are sharded over the SP group, handed from stage to stage, given
    whole to every tensor slice and cut into CFG rows exactly as the video tokens are; every rank must
    receive the original's prediction for each case (CFG pair, batch 1, one latent frame) within the
@@ -28,9 +29,12 @@ WORKER = ROOT / "tests" / "distributed" / "ti2v_dit_worker.py"
 
 
 # layout -> what one of its ranks must report: its coordinates (rank = ((stage * C + cfg) * T + tp) * U + sp),
-# its part of the 2 blocks, and its sliced block projections (7 per block with tensor parallelism, tensor.py)
+# its part of the 2 blocks, its sliced block projections (7 per block with tensor parallelism, tensor.py) and
+# whether its blocks were streamed from the mapped checkpoint (none resident) or loaded
 LAYOUTS = {
-    "sp2_pp2": "rank 2 (sp2_pp2): stage 1 cfg 0 tp 0 sp 0 holds blocks 1-1 + output layer, 0 sliced",
+    "sp2_pp2": "rank 2 (sp2_pp2): stage 1 cfg 0 tp 0 sp 0 holds blocks 1-1 + output layer, 0 sliced tensors",
+    "sp2_pp2_offload": "rank 1 (sp2_pp2_offload): stage 0 cfg 0 tp 0 sp 1 holds input embeddings + blocks 0-0, "
+                       "0 sliced tensors, blocks streamed",
     "tp2_pp2": "rank 3 (tp2_pp2): stage 1 cfg 0 tp 1 sp 0 holds blocks 1-1 + output layer, 7 sliced",
     "cfg2_sp2": "rank 3 (cfg2_sp2): stage 0 cfg 1 tp 0 sp 1 holds input embeddings + blocks 0-1 + output layer, "
                 "0 sliced",
