@@ -8,10 +8,13 @@
 #   1. FlashAttentionScore, RmsNorm and GELU on the NPU against float64 references and their documented
 #      errors (tests/unit/test_ascend_standins.py: on an NPU it checks the real ops beside the stand-ins);
 #   2. the golden DiT, Step-LLM and VAE-attention tests in bf16 with the bounds of docs/ascend.md
-#      (tests/golden/test_ascend_mode.py -k bf16: real bf16 on the NPU);
+#      (tests/golden/test_ascend_mode.py -k bf16: real bf16 on the NPU), among them FlashAttentionScore
+#      with the VAE's head dim 512 and causal sparse_mode 2 at full size (42,160 positions, 544 x 992)
+#      and the fused RmsNorm against the original's rounding order;
 #   3. msrun on HCCL with the tiny checkpoint: Ulysses 2, and Ulysses 2 x pipeline 2, Ulysses 4,
 #      pipeline 4 on 4 NPUs, against the single-NPU run (bound 0.012, the DiT bf16 bound);
-#   4. the compiled DiT (default) against --eager on one NPU (same bound);
+#   4. the compiled DiT (default) against --eager on one NPU (same bound), and --offload blocks (the
+#      copy stream of backend.weight_copy_stream) against the resident DiT;
 #   5. with MODEL_DIR: one timed denoising step (2 steps run) at 544 x 992 x 204 for the three 4-NPU
 #      layouts, projected to 50 steps, and the caption / VAE services' /health.
 # Settings: MODEL_DIR (published checkpoint, optional), CAPTION_DEVICES (default 4), VAE_DEVICES (5),
@@ -42,6 +45,10 @@ failures=0
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "- MindSpore: $("$PYTHON" -c 'import mindspore; print(mindspore.__version__)' 2>&1)"
   echo "- NPUs: $(npu-smi info -l 2>/dev/null | grep -c 'NPU ID' || echo '?')"
+  echo "- SoC (backend.check_ascend_soc): $("$PYTHON" -c 'from stepvideo import backend
+print(backend.init("ascend").device, end=" ")
+import mindspore as ms
+print(ms.hal.get_device_name(0, "Ascend"))' 2>&1 | tail -n 1)"
   echo
   echo '```'
   npu-smi info 2>&1 | head -n 20
@@ -113,6 +120,11 @@ eager() {
     && compare "eager vs compiled" "$WORK/single.safetensors" "$WORK/eager.safetensors"
 }
 step "4. compiled DiT against --eager" eager
+offload() {
+  "$PYTHON" run_parallel.py $(tiny_args "$WORK/offload.safetensors") --ulysses_degree 1 --offload blocks \
+    && compare "--offload blocks vs resident" "$WORK/single.safetensors" "$WORK/offload.safetensors"
+}
+step "4b. --offload blocks (block weights copied on their own stream) against the resident DiT" offload
 
 # ----------------------------------------------------------------------------- 5: timing and services
 if [ -n "${MODEL_DIR:-}" ]; then

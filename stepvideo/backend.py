@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -88,6 +89,31 @@ def _detect_device() -> str:
     return CPU
 
 
+# CANN's SoC names (aclrtGetSocName, which `mindspore.hal.get_device_name` returns on Ascend). The Ascend
+# table needs bf16 compute and FlashAttentionScore: Atlas A2 (Ascend910B1..B4, B2C, B4-1) and Atlas A3
+# (Ascend910_93xx). The first-generation 910 (Ascend910A/B/ProA/ProB/PremiumA; note "Ascend910B"
+# without a digit is one of them) has neither.
+SUPPORTED_SOC = re.compile(r"Ascend910B\d|Ascend910_93\d\d")
+FIRST_GENERATION_910 = ("Ascend910A", "Ascend910B", "Ascend910ProA", "Ascend910ProB", "Ascend910PremiumA")
+
+
+def check_ascend_soc(soc_name: str, device_id: int = 0) -> str:
+    """Refuse an NPU the Ascend table cannot run on; returns `soc_name` when it is an Atlas A2/A3 NPU.
+
+    `soc_name`: what `mindspore.hal.get_device_name(device_id, "Ascend")` reports, e.g. "Ascend910B2".
+    """
+    if SUPPORTED_SOC.match(soc_name):
+        return soc_name
+    if soc_name in FIRST_GENERATION_910:
+        why = ("a first-generation Ascend 910, which has no bf16 compute and no FlashAttentionScore "
+               "(the DiT and Step-LLM run in bf16, their attention with FlashAttentionScore)")
+    else:
+        why = "not an Ascend NPU with bf16 compute and FlashAttentionScore"
+    raise RuntimeError(f"Ascend device {device_id} is {soc_name!r}: {why}. Step-Video needs an Atlas A2/A3 "
+                       "training NPU (Ascend910B1-B4 or Ascend910_93xx, as reported by "
+                       "mindspore.hal.get_device_name); on other machines run on the CPU (STEPVIDEO_DEVICE=cpu).")
+
+
 def init(device: Optional[str] = None, device_id: Optional[int] = None) -> BackendInfo:
     """Select the device and its kernel table once per process; later calls return the same choice.
 
@@ -116,6 +142,8 @@ def init(device: Optional[str] = None, device_id: Optional[int] = None) -> Backe
         if current != dev:
             raise RuntimeError(f"MindSpore already runs on {current}; cannot switch to {dev}. Call "
                                "stepvideo.backend.init() before any tensor operation.") from None
+    if dev == ASCEND:
+        check_ascend_soc(ms.hal.get_device_name(device_id or 0, ASCEND), device_id or 0)
     if dev == CPU:
         # Synchronous pynative on CPU: errors point at the failing op, and the
         # runtime threads stop competing with compute threads (1.6-9x faster).
@@ -344,9 +372,19 @@ def ascend_kernels(device_ops: Any = ops, comm: Any = None, compute_dtype: ms.dt
                    native_collectives=True, comm=comm)
 
 
+# FlashAttentionScore's compressed causal mask (sparse_mode 2, 3, 4 take it instead of an (S1, S2) mask).
+CAUSAL_MASK_SIZE = 2048
+
+
 def _flash_attention(device_ops, q, k, v, mask, causal, scale):
     """FlashAttentionScore in the BSND layout; its mask flags the positions to discard (True = drop)."""
     heads = q.shape[2]
+    if causal and mask is None:
+        # sparse_mode 2 (leftUpCausal: query i keeps keys j <= i) with the fixed 2048 x 2048 mask: the VAE's
+        # 42,160 positions at 544 x 992 would otherwise need a 1.8 GB (S, S) mask (docs/ascend.md).
+        compressed = ops.triu(ops.ones((CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE), ms.bool_), 1)
+        return device_ops.flash_attention_score(q, k, v, heads, attn_mask=compressed, scalar_value=scale,
+                                                input_layout="BSND", sparse_mode=2)
     drop = None
     if mask is not None:
         keep = mask if mask.ndim == 4 else mask.expand_dims(1)

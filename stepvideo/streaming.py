@@ -36,9 +36,10 @@ A fill on each device (the only device-specific part, chosen by
 - Ascend (`DeviceSlots`): the slot is device memory; the fill is an asynchronous
   host-to-device copy straight from the mapped bf16 pages on a separate stream, ordered
   by events (the copy into a slot waits for the block that used it; the block waits
-  for its copy). NOT RUN HERE: written against MindSpore 2.7's documented
-  `mindspore.runtime.Stream` / `Event` / `Tensor.copy_(non_blocking=True)`, untested
-  for lack of an NPU (see docs/performance.md, "Block streaming").
+  for its copy). Written against MindSpore 2.7's documented `mindspore.runtime.Stream` /
+  `Event` / `StreamCtx` / `Tensor.copy_(non_blocking=True)`; run on CPU kernels through a
+  stand-in of the stream API (tests/unit/test_streaming.py: same bits, event order), never
+  on an NPU (see docs/performance.md, "Block streaming").
 
 Where it lives: beside `checkpoint.py`, as a way of loading weights. Both the DiT (single
 process and `parallel/pipeline.py`) and Step-LLM (`Step1Model.from_pretrained_streaming`) use
@@ -148,8 +149,9 @@ class HostSlots:
 class DeviceSlots:
     """Slots in device memory (Ascend), filled by asynchronous copies on a separate stream.
 
-    NOT RUN HERE (no NPU): written against MindSpore 2.7's documented stream API and untested.
-    The first thing to verify on an NPU: that a compiled graph reads a Parameter bound to a slot
+    Not run on an NPU (none here); on CPU it runs through a stand-in of the stream API
+    (tests/unit/test_streaming.py), which checks the bits and the order of the stream calls, not
+    real asynchrony. The first thing to verify on an NPU: that a compiled graph reads a Parameter bound to a slot
     tensor (`set_data(slot)`) from the slot's device memory, as it reads the numpy buffer on CPU.
     Order per slot: copy stream waits for `freed[slot]` (recorded on the compute stream when
     the block that used the slot returned), copies, records `filled[slot]`; the compute stream

@@ -12,6 +12,9 @@ input dtype, as the fused kernels return them.
     table = ascend_table()                 # backend.ascend_kernels(this module, StandinComm())
     with backend.using(table): ...         # the Ascend branches of backend run on the CPU
 
+The golden tests take the fixture `kernel_table` (`from ascend_standins import kernel_table`): each
+golden case runs once with the device's own table and once with this Ascend table.
+
 `bf16_emulation(table)` wraps a table for the bf16 mode (see its docstring).
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable
 
 import mindspore as ms
 import numpy as np
+import pytest
 from mindspore import Tensor, mint, nn, ops
 from mindspore.mint import distributed as md
 
@@ -105,10 +109,10 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
         raise TypeError("flash_attention_score: real_shift must be a Tensor")
     unused = dict(real_shift=real_shift, drop_mask=drop_mask, padding_mask=padding_mask, prefix=prefix,
                   actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen)
-    if any(v is not None for v in unused.values()) or keep_prob != 1.0 or sparse_mode != 0 or \
+    if any(v is not None for v in unused.values()) or keep_prob != 1.0 or sparse_mode not in (0, 2, 3) or \
             pre_tokens != 2147483647 or next_tokens != 2147483647 or input_layout == "TND":
         raise NotImplementedError("flash_attention_score stand-in: only q, k, v, attn_mask, scalar_value, "
-                                  "head_num and the BSH/BNSD/SBH/BSND layouts are modelled")
+                                  "head_num, sparse_mode 0/2/3 and the BSH/BNSD/SBH/BSND layouts are modelled")
     if head_num <= 0:
         raise RuntimeError(f"flash_attention_score: head_num must be greater than 0, got {head_num}")
     ndim = 4 if input_layout in ("BNSD", "BSND") else 3
@@ -144,7 +148,9 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
     if n2 != head_num:  # grouped heads: query head h reads key/value head h // (N1 / N2)
         k = _repeat_heads(k, head_num // n2)
         v = _repeat_heads(v, head_num // n2)
-    if attn_mask is not None and tuple(attn_mask.shape) not in ((b, head_num, s1, s2), (b, 1, s1, s2), (s1, s2)):
+    if sparse_mode in (2, 3):
+        attn_mask = _causal_drop(attn_mask, s1, s2, sparse_mode)
+    elif attn_mask is not None and tuple(attn_mask.shape) not in ((b, head_num, s1, s2), (b, 1, s1, s2), (s1, s2)):
         raise RuntimeError(f"flash_attention_score: attn_mask shape {tuple(attn_mask.shape)} is not valid; "
                            f"expected {(b, head_num, s1, s2)}, {(b, 1, s1, s2)} or {(s1, s2)}")
     scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * scalar_value  # (B, N1, S1, S2)
@@ -152,6 +158,21 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
         scores = ops.masked_fill(scores, attn_mask.astype(ms.bool_), float("-inf"))
     out = ops.matmul(mint.softmax(scores, dim=-1), v)  # (B, N1, S1, D)
     return _from_bnsd(out, input_layout).astype(query.dtype)
+
+
+def _causal_drop(compressed, s1: int, s2: int, sparse_mode: int) -> Tensor:
+    """The (S1, S2) discard mask of sparse_mode 2 (leftUpCausal: query i keeps keys j <= i) or 3 (rightDownCausal:
+    keys j <= i + S2 - S1), after checking the compressed mask these modes require: (2048, 2048), True above the
+    diagonal (the documented optimized mask; the stand-in refuses any other content rather than guess)."""
+    if compressed is None or tuple(compressed.shape) != (2048, 2048):
+        shape = None if compressed is None else tuple(compressed.shape)
+        raise RuntimeError(f"flash_attention_score: sparse_mode {sparse_mode} needs the compressed attn_mask of "
+                           f"shape (2048, 2048), got {shape}")
+    if not np.array_equal(compressed.asnumpy().astype(bool), np.triu(np.ones((2048, 2048), bool), 1)):
+        raise NotImplementedError("flash_attention_score stand-in: only the upper-triangular compressed mask "
+                                  "(True above the diagonal) is modelled")
+    offset = 0 if sparse_mode == 2 else s2 - s1
+    return Tensor(np.arange(s2)[None, :] > np.arange(s1)[:, None] + offset)
 
 
 def _repeat_heads(x: Tensor, times: int) -> Tensor:
@@ -280,6 +301,28 @@ def ascend_table(compute_dtype=ms.float32) -> backend.Kernels:
     """The Ascend kernel table with this module's stand-ins (fp32 compute by default: the CPU path)."""
     return backend.ascend_kernels(sys.modules[__name__], StandinComm(), compute_dtype=compute_dtype,
                                   name="ascend-standin")
+
+
+KERNEL_TABLES = ("default", "ascend-standin")
+
+
+@pytest.fixture(params=KERNEL_TABLES)
+def kernel_table(request):
+    """The test once with the table `backend.init` chose (on a CPU the exact fp32 kernels), once with the
+    Ascend table on these stand-ins in float32, where the golden tolerances hold unchanged.
+
+    In float32 the Ascend table takes its fused RmsNorm, Ascend GELU and LayerNorm modulation and the
+    exact branch of its attention (FlashAttentionScore takes bf16/fp16 only: test_ascend_mode.py runs
+    that branch in bf16). Eager models built under either table can run under the other (both compute
+    in float32 and dispatch per call); a compiled graph keeps the kernels it was compiled with, so a
+    test that compiles builds its model inside the fixture's table.
+    """
+    if request.param == "default":
+        yield backend.kernels()
+        return
+    with backend.using(ascend_table()) as table:
+        yield table
+        assert backend.kernels() is table, f"{request.node.name} replaced the Ascend table it was given"
 
 
 # --------------------------------------------------------------------------- bf16 emulation

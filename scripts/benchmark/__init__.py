@@ -5,11 +5,14 @@
     python scripts/benchmark ascend [--append FILE]     (the paper projection for Ascend 910B)
     python scripts/benchmark parallel [--repeats N] [--append FILE]   (two msrun workers: pp2, sp2, tp2, cfg2)
     python scripts/benchmark layouts [--append FILE]    (every 4- and 8-device layout, on paper)
+    python scripts/benchmark streaming cpu [--blocks N] [--eager] [--no-msrun] [--append FILE]   (--offload blocks)
+    python scripts/benchmark streaming ascend [--append FILE]   (block streaming on Ascend 910B, on paper)
 
 One module per measurement (dit, vae, text, step, load, comm), each with `run(args) -> str`;
 the FLOP model in `flops`, the timing and table helpers in `measure`, the Ascend projection
-in `ascend` (and for every parallel layout in `layouts`); `load_probe.py` and `comm_worker.py` are the programs the load and comm
-measurements start in fresh processes. Weights come from the golden fixtures' generation
+in `ascend` (and for every parallel layout in `layouts`); `load_probe.py`, `comm_worker.py` and
+`streaming_probe.py` are the programs the load, comm and streaming measurements start in fresh
+processes (or msrun workers). Weights come from the golden fixtures' generation
 rule (`scripts/synthetic_weights.py`).
 
 Every sub-command prints one Markdown table (plus a header line saying what was run,

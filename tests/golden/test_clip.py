@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
+from ascend_standins import kernel_table  # noqa: F401 (fixture: each golden case with the CPU and the Ascend table)
 from stepvideo.checkpoint import CheckpointError, named_parameters
 from stepvideo.text_encoder.clip import HunyuanClip, gelu_erf, tanh
 from stepvideo.utils import safetensors_io as st
@@ -40,7 +41,7 @@ def copy_clip(tmp_path, tensors=None, drop_weights=False):
 
 
 @pytest.mark.parametrize("batch", sorted(BATCHES))
-def test_clip_batch(clip, outputs, batch):
+def test_clip_batch(clip, outputs, batch, kernel_table):
     input_ids, attention_mask = clip.tokenize(BATCHES[batch])
     np.testing.assert_array_equal(input_ids, outputs[f"{batch}.input_ids"])
     np.testing.assert_array_equal(attention_mask, outputs[f"{batch}.attention_mask"])

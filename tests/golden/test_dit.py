@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mindspore import ops
 
+from ascend_standins import kernel_table  # noqa: F401 (fixture: each golden case with the CPU and the Ascend table)
 from dit_fixtures import fixtures, model, call_kwargs, transformer_folder
 from stepvideo import backend
 from stepvideo.checkpoint import save_sharded
@@ -26,7 +27,7 @@ def test_config_is_read_from_the_folder(model):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_dit_step_by_step(model, fixtures, case):
+def test_dit_step_by_step(model, fixtures, case, kernel_table):
     """Each named step of the forward against the reference's intermediates."""
     inputs, outputs = fixtures
     ref = {k.split(".", 1)[1]: v for k, v in outputs.items() if k.startswith(case + ".")}
@@ -62,7 +63,7 @@ def test_dit_step_by_step(model, fixtures, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_dit_call_as_the_pipeline(model, fixtures, case):
+def test_dit_call_as_the_pipeline(model, fixtures, case, kernel_table):
     inputs, outputs = fixtures
     out = model(**call_kwargs(inputs, case), return_dict=False)
     assert_parity(out, outputs[f"{case}.output"], f"{case}.output")

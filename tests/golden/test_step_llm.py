@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
+from ascend_standins import kernel_table  # noqa: F401 (fixture: each golden case with the CPU and the Ascend table)
 from stepvideo.checkpoint import CheckpointError, named_parameters, save_sharded
 from stepvideo.text_encoder.stepllm import STEP1TextEncoder, Step1Model, alibi_slopes
 from support import assert_parity, cases, golden, load
@@ -50,7 +51,7 @@ def test_config_and_parameter_names(encoder):
 
 
 @pytest.mark.parametrize("batch", sorted(BATCHES))
-def test_encoder_batch(encoder, outputs, batch):
+def test_encoder_batch(encoder, outputs, batch, kernel_table):
     y, y_mask = encoder(BATCHES[batch])
     assert y.shape == (len(BATCHES[batch]), 320, 256)
     assert_parity(y, outputs[f"{batch}.y"], f"{batch}.y")
@@ -58,7 +59,7 @@ def test_encoder_batch(encoder, outputs, batch):
     assert y_mask.asnumpy().dtype == np.int64
 
 
-def test_layer0_output(encoder, outputs):
+def test_layer0_output(encoder, outputs, kernel_table):
     """The first block's output for b0, against the original's sequence-first intermediate."""
     model = encoder.text_encoder
     ids = encoder.text_tokenizer(BATCHES["b0"]).input_ids

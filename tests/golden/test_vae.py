@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
+from ascend_standins import kernel_table  # noqa: F401 (fixture: golden cases with the CPU and the Ascend table)
 from stepvideo.checkpoint import named_parameters
 from stepvideo.diffusion.interfaces import LocalVae
 from stepvideo.utils import safetensors_io as st
@@ -72,7 +73,7 @@ def test_checkpoint_keys_and_the_conv_out_rename(checkpoint, vae):
     assert sum(math.prod(p.shape) for p in params.values()) == 498_818_819
 
 
-def test_decode_d0_intermediates_and_video(vae, fixtures):
+def test_decode_d0_intermediates_and_video(vae, fixtures, kernel_table):
     """One chunk of 3 latents -> 17 frames; the decoder's mid-block stages one by one."""
     inputs, outputs = fixtures
     z = Tensor(inputs["d0.z"])
@@ -88,7 +89,8 @@ def test_decode_d0_intermediates_and_video(vae, fixtures):
 
 
 def test_decode_d1_two_chunks_and_mix(vae, fixtures):
-    """6 latents -> two chunks of 17 frames, blended at frames 16/17."""
+    """6 latents -> two chunks of 17 frames, blended at frames 16/17. (With the device's table only: the
+    chunks run d0's kernels, and the mix is host arithmetic.)"""
     inputs, outputs = fixtures
     before = vae.decode_chunks(inputs["d1.z"])
     assert_parity(before, outputs["d1.video_before_mix"], "d1.video_before_mix")
@@ -100,6 +102,8 @@ def test_decode_d1_two_chunks_and_mix(vae, fixtures):
 
 
 def test_encode_e0_moments_posterior_and_intermediates(vae, fixtures):
+    """(With the device's table only: the encoder reaches the Ascend table only through the mid-block's
+    AttnBlock, the same call d0 runs with both tables; a second full encode costs ~20 s of CPU.)"""
     inputs, outputs = fixtures
     x = Tensor(inputs["e0.video"])
     h = vae.encoder.down_blocks(x.transpose(0, 2, 1, 3, 4).contiguous())

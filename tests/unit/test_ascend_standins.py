@@ -87,6 +87,22 @@ def test_flash_attention_mask_shapes_and_grouped_heads(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=IDS)
+def test_flash_attention_compressed_causal_modes(impl):
+    """sparse_mode 2 (leftUpCausal) and 3 (rightDownCausal) with the 2048 x 2048 compressed mask, S1 < S2."""
+    b, s1, s2, n, d = 1, 5, 8, 2, 16
+    q, k, v = (f32(bf16(rng.standard_normal((b, s, n, d)))) for s in (s1, s2, s2))
+    compressed = Tensor(np.triu(np.ones((2048, 2048), bool), 1))
+    i, j = np.arange(s1)[:, None], np.arange(s2)[None, :]
+    for mode, drop in ((2, j > i), (3, j > i + s2 - s1)):
+        out = impl.flash_attention_score(bf16(q), bf16(k), bf16(v), n, attn_mask=compressed, scalar_value=d ** -0.5,
+                                         input_layout="BSND", sparse_mode=mode)
+        assert rel(f32(out), attention64(q, k, v, drop[None, None])) <= BF16_OUT, mode
+    with pytest.raises(RuntimeError, match=None if impl is not standins else "compressed attn_mask"):
+        impl.flash_attention_score(bf16(q), bf16(k), bf16(v), n, attn_mask=Tensor(j > i), input_layout="BSND",
+                                   sparse_mode=2)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=IDS)
 def test_flash_attention_documented_errors(impl):
     """The documented exception types; the messages are checked for the stand-in only."""
     q = bf16(rng.standard_normal((1, 4, 2, 16)))
@@ -184,15 +200,21 @@ def test_attention_takes_flash_branch_with_row_masks(ascend_bf16, monkeypatch):
     assert rel(f32(out), f32(exact)) <= 2 * BF16_OUT
 
 
-def test_attention_flash_branch_causal_and_4d_mask(ascend_bf16):
+def test_attention_flash_branch_causal_and_4d_mask(ascend_bf16, monkeypatch):
+    calls = []
+    real = standins.flash_attention_score
+    monkeypatch.setattr(standins, "flash_attention_score", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     q, k, v = (f32(bf16(rng.standard_normal((1, 7, 2, 16)))) for _ in range(3))
     i, j = np.arange(7)[:, None], np.arange(7)[None, :]
     out = backend.attention(bf16(q), bf16(k), bf16(v), causal=True)  # VAE mid-block form
     assert rel(f32(out), attention64(q, k, v, (j > i)[None, None])) <= BF16_OUT
+    # causal alone: the compressed 2048 x 2048 mask, not an (S, S) one (1.8 GB for the VAE at 544 x 992)
+    assert calls[-1]["sparse_mode"] == 2 and tuple(calls[-1]["attn_mask"].shape) == (2048, 2048)
     keep = rng.random((1, 2, 7, 7)) < 0.7
     keep[..., 0] = True
     out = backend.attention(bf16(q), bf16(k), bf16(v), mask=Tensor(keep), causal=True)
     assert rel(f32(out), attention64(q, k, v, ~keep | (j > i)[None, None])) <= BF16_OUT
+    assert "sparse_mode" not in calls[-1] and tuple(calls[-1]["attn_mask"].shape) == (1, 2, 7, 7)
 
 
 def test_attention_with_bias_or_fp32_takes_exact_branch(ascend_bf16, monkeypatch):
@@ -233,3 +255,31 @@ def test_install_swaps_and_restores_the_table():
     assert backend.kernels() is before
     with pytest.raises(TypeError, match="Kernels"):
         backend.install({"attention": None})
+
+
+# --------------------------------------------------------------------------- which Ascend NPU
+
+
+@pytest.mark.parametrize("soc", ["Ascend910B1", "Ascend910B2", "Ascend910B2C", "Ascend910B3", "Ascend910B4",
+                                 "Ascend910B4-1", "Ascend910_9391", "Ascend910_9382"])
+def test_atlas_a2_and_a3_npus_are_accepted(soc):
+    """The 910B branch of `backend.init`: the SoC name MindSpore reports, accepted unchanged."""
+    assert backend.check_ascend_soc(soc, 3) == soc
+
+
+@pytest.mark.parametrize("soc", ["Ascend910A", "Ascend910B", "Ascend910ProA", "Ascend910ProB", "Ascend910PremiumA"])
+def test_first_generation_910_is_refused_naming_found_and_required(soc):
+    """The 910A branch: no bf16 compute, no FlashAttentionScore; refused before any model loads.
+    ("Ascend910B" without a digit is a first-generation part, not an Atlas A2 NPU.)"""
+    with pytest.raises(RuntimeError) as refused:
+        backend.check_ascend_soc(soc, 3)
+    message = str(refused.value)
+    assert f"Ascend device 3 is {soc!r}: a first-generation Ascend 910" in message
+    assert "no bf16 compute and no FlashAttentionScore" in message
+    assert "needs an Atlas A2/A3 training NPU (Ascend910B1-B4 or Ascend910_93xx" in message
+
+
+@pytest.mark.parametrize("soc", ["Ascend310P3", "", "Ascend950PR"])
+def test_other_npus_are_refused(soc):
+    with pytest.raises(RuntimeError, match=rf"Ascend device 0 is {soc!r}: not an Ascend NPU with bf16 compute"):
+        backend.check_ascend_soc(soc)

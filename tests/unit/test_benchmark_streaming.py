@@ -1,4 +1,4 @@
-"""scripts/benchmark_streaming.py: the CPU measurement at a small size meets the memory bound, and the Ascend
+"""scripts/benchmark streaming: the CPU measurement at a small size meets the memory bound, and the Ascend
 projection's memory follows from the published model's shapes (counted here independently)."""
 import os
 import re
@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "benchmark_streaming.py"
+SCRIPT = ROOT / "scripts" / "benchmark"  # a package run as a program (its __main__.py)
 
 
 def run(*args) -> str:
     env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run([sys.executable, str(SCRIPT), "streaming", *args], capture_output=True, text=True, env=env,
+                         timeout=600)
     assert out.returncode == 0, f"{args}: rc={out.returncode}\n{out.stderr[-3000:]}"
     return out.stdout
 
@@ -30,11 +31,13 @@ def row(text: str, first_cell: str) -> list:
 @pytest.mark.slow
 def test_cpu_quick_streamed_peak_is_within_the_bound(tmp_path):
     """Two fresh processes (resident, streamed) on a 3-block DiT; no msrun (the 2-rank parity test has its own job)."""
-    out = run("cpu", "--quick", "--no_msrun", "--tmp", str(tmp_path))
+    out = run("cpu", "--quick", "--no-msrun", "--tmp", str(tmp_path))
+    assert re.search(r"`benchmark streaming cpu --quick --no-msrun --tmp \S+` on \d{4}-\d\d-\d\d: ", out), out
     assert row(out, "streamed peak within the bound")[1] == "yes", out
     resident = row(out, "1 process, resident")
     streamed = row(out, "1 process, --offload blocks")
     assert float(streamed[1]) < float(resident[1])  # weights loaded: only the non-block ones
+    assert float(streamed[3].replace(",", "")) < float(resident[3].replace(",", ""))  # peak RSS growth
     assert list(tmp_path.iterdir()) == []  # the checkpoint was deleted
 
 

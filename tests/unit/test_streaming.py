@@ -6,9 +6,16 @@ same slot and takes the unprefetched path too. Each streamed model runs twice (t
 call starts from the slots the first one left) and must equal the resident model bit for bit,
 eager (bf16 and fp32 files) and compiled (bf16 files). Streamed blocks run through the cell of
 the first block of their slot (`BlockStreamer.block`), so the compiled streamed model compiles 2 blocks. Step-LLM's streamed layers and the runner's flag are checked the same way.
+
+The Ascend fill (`DeviceSlots`: slots as MindSpore tensors, `Tensor.copy_(non_blocking=True)` on a
+separate stream, ordered by events) runs here through a stand-in of `mindspore.runtime`'s stream
+API (on CPU, MindSpore 2.7's `runtime.Stream` exists but `StreamCtx` fails and `current_stream()`
+is None): the copies and the DiT are MindSpore's own CPU kernels, the stand-in logs the stream
+and event calls so the test checks their order.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import struct
@@ -16,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import mindspore as ms
 from mindspore import Tensor
 
+from stepvideo import backend
 from stepvideo.checkpoint import CheckpointError, save_sharded
 from stepvideo.modules.model import StepVideoModel
-from stepvideo.streaming import dit_streaming, load_streaming
+from stepvideo.streaming import DeviceSlots, dit_streaming, load_streaming
 from stepvideo.text_encoder.stepllm import Step1Model
 from stepvideo.utils import safetensors_io as st
 
@@ -94,6 +103,124 @@ def test_streamed_dit_equals_resident_bitwise(dit_folders, dtype, jit, in_tmp):
         assert streamer.stats.bytes_read == 5 * one_block // (2 if dtype == "bf16" else 1)
     finally:
         streamer.close()
+
+
+class StandinEvent:
+    """`mindspore.runtime.Event` as `DeviceSlots` uses it: returned by `Stream.record_event()`, `synchronize()`."""
+
+    def __init__(self, log: list, stream: "StandinStream"):
+        self.id, self.stream, self.log = len(log), stream, log  # unique: each event's record adds a log entry
+
+    def synchronize(self) -> None:
+        self.log.append(("synchronize", self.stream.name, self.id))
+
+
+class StandinStream:
+    """`mindspore.runtime.Stream`: `record_event()`, `wait_event(event)`, `synchronize()`; calls are logged.
+
+    CPU kernels run synchronously, so work issued on either stream is complete when its call
+    returns; what the stand-in checks is the order of the calls."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def record_event(self, event=None) -> StandinEvent:
+        event = StandinEvent(self.log, self)
+        self.log.append(("record", self.name, event.id))
+        return event
+
+    def wait_event(self, event: StandinEvent) -> None:
+        assert isinstance(event, StandinEvent), f"wait_event takes an Event, got {type(event).__name__}"
+        self.log.append(("wait", self.name, event.id, event.stream.name))
+
+    def synchronize(self) -> None:
+        self.log.append(("synchronize", self.name, None))
+
+
+@pytest.fixture
+def standin_streams(monkeypatch):
+    """(copy stream, log): `backend.weight_copy_stream()` gives the copy stream; `ms.runtime.StreamCtx` and
+    `ms.runtime.current_stream()` switch between it and a compute stream."""
+    log: list = []
+    compute, copy = StandinStream("compute", log), StandinStream("copy", log)
+    current = [compute]
+
+    @contextlib.contextmanager
+    def stream_ctx(stream):
+        current.append(stream)
+        log.append(("enter", stream.name))
+        try:
+            yield
+        finally:
+            current.pop()
+            log.append(("exit", stream.name))
+
+    monkeypatch.setattr(ms.runtime, "StreamCtx", stream_ctx)
+    monkeypatch.setattr(ms.runtime, "current_stream", lambda: current[-1])
+    monkeypatch.setattr(backend, "weight_copy_stream", lambda: copy)
+    return copy, log
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "compiled"])
+def test_device_slots_through_a_stream_standin_equal_resident_bitwise(dit_folders, standin_streams, jit):
+    """The Ascend path (DeviceSlots) on CPU kernels: same bits as the resident model, fills ordered by events.
+
+    fp32 files: the device path copies the stored bytes as they are, and CPU parameters are fp32."""
+    dit_folder = dit_folders["fp32"]
+    copy, log = standin_streams
+    inputs = dit_inputs()
+    expected = StepVideoModel.from_pretrained(dit_folder).set_jit(jit)(**inputs).asnumpy()
+
+    model = StepVideoModel.from_config_dict(DIT)
+    _, streamer = dit_streaming(model, dit_folder, range(3))
+    model.set_train(False)
+    model.set_jit(jit)
+    assert isinstance(streamer.slots, DeviceSlots)
+    released = []
+    release = streamer.mapped.release
+    streamer.mapped.release = lambda key: (log.append(("release", key)), release(key))
+    entered = streamer.block
+
+    @contextlib.contextmanager
+    def logged_block(index):
+        with entered(index) as cell:
+            log.append(("run", index))
+            yield cell
+
+    model.block_hook = logged_block
+    try:
+        for call in range(2):
+            out = model(**inputs).asnumpy()
+            assert np.array_equal(out, expected), f"call {call}: max diff {np.abs(out - expected).max()}"
+    finally:
+        streamer.close()
+    records = {entry[2]: entry[1] for entry in log if entry[0] == "record"}
+    waits = [entry for entry in log if entry[0] == "wait"]
+    # Fills of call 1: 0, 1, 2; call 2: 0, 2 (as in the host test). The compute stream waits once for
+    # each fill, on an event of the copy stream; the copy stream waits, before every fill but the first
+    # of each slot, for an event the compute stream recorded when a block left that slot.
+    assert streamer.stats.fills == 5
+    assert [(w[1], records[w[2]]) for w in waits].count(("compute", "copy")) == 5, waits
+    assert [(w[1], records[w[2]]) for w in waits].count(("copy", "compute")) == 5 - 2, waits
+    assert all(w[3] == records[w[2]] for w in waits)
+    # The copy stream's work (its waits and the copies) is issued inside StreamCtx(copy stream).
+    depth = 0
+    for entry in log:
+        depth += {"enter": 1, "exit": -1}.get(entry[0], 0)
+        if entry[0] == "wait" and entry[1] == "copy":
+            assert depth == 1, log
+    # Each block runs after the compute stream's last wait for a copy event, issued after its fill.
+    for i, entry in enumerate(log):
+        if entry[0] == "run":
+            before = [e for e in log[:i] if e[0] == "wait" and e[1] == "compute"]
+            assert before, f"block {entry[1]} ran before any wait for a copy: {log[:i]}"
+    # Mapped pages are released only once the copies reading them are known complete.
+    for i, entry in enumerate(log):
+        if entry[0] == "release":
+            last = next(e for e in reversed(log[:i]) if e[0] != "release")
+            assert last[0] == "synchronize", f"{entry[1]} released after {last}, expected an event synchronize"
+            released.append(entry[1])
+    assert len(released) == 5 * len(streamer.keys[0]), len(released)
 
 
 def test_blocks_outside_the_streamed_range_are_refused(dit_folders):
