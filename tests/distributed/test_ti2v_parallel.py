@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from msrun_support import ROOT, job_env, leftover_processes, run_msrun, run_single
+from msrun_support import PEER_WAIT, ROOT, job_env, leftover_processes, run_msrun, run_single
 from stepvideo.utils import safetensors_io as st
 from support import assert_parity, cases, golden, load
 
@@ -50,7 +50,7 @@ def test_ti2v_dit_in_every_layout_matches_the_original(tmp_path):
     (folder / "diffusion_pytorch_model.safetensors").symlink_to(golden("ti2v_dit") / "weights.safetensors")
     out = tmp_path / "out"
     try:
-        job = run_msrun(WORKER, [str(out), str(folder), *LAYOUTS], 4, tmp_path, timeout=240)
+        job = run_msrun(WORKER, [str(out), str(folder), *LAYOUTS], 4, tmp_path, timeout=240, env=PEER_WAIT)
     finally:
         left = leftover_processes(str(tmp_path))
         for pid, _ in left:
@@ -101,7 +101,7 @@ def test_run_parallel_ti2v_prompts_and_videos_under_cfg2_tp2_equal_single_proces
         assert single.returncode == 0, single.console[-3000:]
         job = run_msrun(ROOT / "run_parallel.py", args(tmp_path / "cfg2tp2") +
                         ["--ulysses_degree", "1", "--cfg_parallel_degree", "2", "--tensor_parallel_degree", "2"], 4,
-                        tmp_path, timeout=240)
+                        tmp_path, timeout=240, env=PEER_WAIT)
     finally:
         left = leftover_processes(str(tmp_path))
         for pid, _ in left:
