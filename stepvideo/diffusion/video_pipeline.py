@@ -55,6 +55,11 @@ FRAMES_PER_CHUNK = 17  # video frames decoded from one chunk of latents
 LATENTS_PER_CHUNK = 3
 SPATIAL_COMPRESSION = 16
 OUTPUT_TYPES = ("mp4", "latent", "np")
+# The originals' `StepVideoPipeline.__call__` defaults where the two differ: Step-Video-T2V generates 204
+# frames, Step-Video-TI2V 102 with motion score 2.0 (its run_parallel's flags default to 5: stepvideo/config.py).
+T2V_NUM_FRAMES = 204
+TI2V_NUM_FRAMES = 102
+TI2V_MOTION_SCORE = 2.0
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,7 @@ class StepVideoPipeline:
     # ------------------------------------------------------------------ call
 
     def __call__(self, prompt: Union[str, List[str]] = None, height: int = 544, width: int = 992,
-                 num_frames: int = 204, num_inference_steps: int = 50, guidance_scale: float = 9.0,
+                 num_frames: Optional[int] = None, num_inference_steps: int = 50, guidance_scale: float = 9.0,
                  time_shift: float = 13.0, neg_magic: str = "", pos_magic: str = "",
                  num_videos_per_prompt: int = 1, seed: Optional[int] = None,
                  generator: Optional[np.random.Generator] = None, latents: Optional[np.ndarray] = None,
@@ -284,12 +289,16 @@ class StepVideoPipeline:
         "noise_pred" (guided) and "latents" (after the scheduler step), and for TI2V
         "condition" (the condition latent given to the DiT).
         first_image / motion_score: image-to-video with a TI2V checkpoint (required there,
-        refused otherwise); motion_score defaults to the original pipeline's 2.0.
+        refused otherwise); motion_score defaults to the original TI2V pipeline's 2.0.
+        num_frames: None takes the original pipeline's default for the checkpoint's kind: 204 for
+        text-to-video, 102 for image-to-video.
         """
         # 1. Check everything before any model work.
         prompts = check_prompts(prompt, "prompt")
         height = _positive_int("height", height)
         width = _positive_int("width", width)
+        if num_frames is None:
+            num_frames = TI2V_NUM_FRAMES if self.is_image_to_video else T2V_NUM_FRAMES
         num_frames = _positive_int("num_frames", num_frames)
         num_inference_steps = _positive_int("num_inference_steps", num_inference_steps)
         num_videos_per_prompt = _positive_int("num_videos_per_prompt", num_videos_per_prompt)
@@ -306,7 +315,7 @@ class StepVideoPipeline:
         image = self.prepare_image(first_image, height, width)
         if image is None and motion_score is not None:
             raise ValueError("motion_score: only an image-to-video (Step-Video-TI2V) checkpoint takes it")
-        motion_score = 2.0 if image is not None and motion_score is None else motion_score
+        motion_score = TI2V_MOTION_SCORE if image is not None and motion_score is None else motion_score
         if image is not None and (isinstance(motion_score, bool) or not isinstance(motion_score, (int, float))
                                   or not np.isfinite(motion_score)):
             raise ValueError(f"motion_score must be a finite number, got {motion_score!r}")

@@ -4,14 +4,12 @@ with the stand-in kernels inside. Its latents must equal the single-process CPU 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from msrun_support import ROOT, job_env, leftover_processes, run_msrun, run_single
+from msrun_support import PEER_WAIT, ROOT, no_leftovers, run_msrun, run_single
 from stepvideo.utils import safetensors_io as st
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -20,29 +18,23 @@ STANDIN_RUN = Path(__file__).with_name("standin_run_parallel.py")
 PARITY = 1e-5  # as tests/distributed/test_parallel_dit.py
 
 
-def test_sp2_pp2_on_standins_matches_single_process(tmp_path):
-    model_dir = tmp_path / "tiny"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(model_dir),
-                    "--layers", "4"], check=True, env=job_env(), capture_output=True, timeout=120)
-    clip = model_dir / "hunyuan_clip" / "clip_text_encoder"
-    subprocess.run([sys.executable, str(ROOT / "convert.py"), "--pt_filename", str(clip / "pytorch_model.bin"),
-                    "--sf_filename", str(clip / "model.safetensors"), "--config_path", str(clip / "config.json")],
-                   check=True, env=job_env(), capture_output=True, timeout=120)
+def test_sp2_pp2_on_standins_matches_single_process(tmp_path, tiny_checkpoint):
+    model_dir = tiny_checkpoint(4)
 
     def args(latents):
         return ["--model_dir", str(model_dir), "--local_models", "--prompt", "A cat walks on the grass.",
                 "--infer_steps", "2", "--num_frames", "1", "--height", "80", "--width", "112", "--seed", "42",
                 "--output_type", "latent", "--latents_out", str(latents), "--device", "cpu"]
 
-    single = run_single(ROOT / "run_parallel.py", args(tmp_path / "single.safetensors") + ["--ulysses_degree", "1"],
-                        tmp_path)
-    assert single.returncode == 0, single.console[-3000:]
-    job = run_msrun(STANDIN_RUN, args(tmp_path / "standin.safetensors") + ["--ulysses_degree", "2",
-                                                                           "--pp_degree", "2"], 4, tmp_path)
-    print(f"stand-in sp2 x pp2: {job.seconds:.1f} s")
-    assert job.returncode == 0, job.console[-5000:]
-    left = leftover_processes(str(tmp_path))
-    assert not left, f"processes left behind: {left}"
+    with no_leftovers(tmp_path):
+        single = run_single(ROOT / "run_parallel.py", args(tmp_path / "single.safetensors") +
+                            ["--ulysses_degree", "1"], tmp_path)
+        assert single.returncode == 0, single.console[-3000:]
+        job = run_msrun(STANDIN_RUN, args(tmp_path / "standin.safetensors") + ["--ulysses_degree", "2",
+                                                                               "--pp_degree", "2"], 4, tmp_path,
+                        env=PEER_WAIT)  # stage 1 waits for stage 0's first compile
+        print(f"stand-in sp2 x pp2: {job.seconds:.1f} s")
+        assert job.returncode == 0, job.console[-5000:]
 
     logs = [job.worker_log(rank) for rank in range(4)]
     for rank, log in enumerate(logs):

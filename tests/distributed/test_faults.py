@@ -1,4 +1,4 @@
-"""Faults a real msrun job must survive cleanly, on the tiny checkpoint (2 DiT blocks), CPU.
+"""Faults a real msrun job must survive cleanly, on the tiny checkpoint (2 DiT blocks, the session's), CPU.
 
 - a rank killed with SIGKILL from outside in the middle of denoising (it cannot report anything
   itself), the job started by scripts/run_parallel.sh: the whole job ends non-zero within 60 s,
@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -30,26 +29,8 @@ SERVER = ROOT / "api" / "call_remote_server.py"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults")
-    yield path
-    left = leftover_processes(str(path))
-    for pid, _ in left:
-        subprocess.run(["kill", "-9", str(pid)], check=False)
-    assert not left, f"processes left behind: {left}"
-
-
-@pytest.fixture(scope="module")
-def model_dir(workdir) -> Path:
-    out = workdir / "tiny"
-    env = job_env()
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(out), "--layers", "2"],
-                   check=True, env=env, capture_output=True, timeout=120)
-    clip = out / "hunyuan_clip" / "clip_text_encoder"
-    subprocess.run([sys.executable, str(ROOT / "convert.py"), "--pt_filename", str(clip / "pytorch_model.bin"),
-                    "--sf_filename", str(clip / "model.safetensors"), "--config_path", str(clip / "config.json")],
-                   check=True, env=env, capture_output=True, timeout=120)
-    return out
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def job_args(model_dir: Path, *extra: str, device: bool = True) -> list:

@@ -1,6 +1,6 @@
 """The distributed DiT under real msrun jobs, on the tiny checkpoint (6 heads, 6 blocks), CPU fp32.
 
-One checkpoint and two single-process references serve every job:
+One checkpoint and single-process references serve every job:
 - video A: 1 latent frame of 5 x 7 = 35 tokens (no Ulysses degree divides it: padding);
 - video C: 1 latent frame of 2 x 5 = 10 tokens (divisible by 2).
 Each layout's final latents (rank 0 writes them) must equal the single-process
@@ -10,87 +10,42 @@ per-rank weight memory, the counted traffic against `step_traffic`, and the
 pipeline idle time. Failure jobs check that a raising rank or a bad layout ends
 the job quickly with the error on the console. Every job runs in a temp folder;
 no process may survive it.
+
+The parity runs (the single-process ones and the layouts) are listed in parity_runs.py: those with the
+same number of workers share one launch with test_tensor_cfg_parallel.py's.
 """
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from msrun_support import ROOT, free_port, job_env, leftover_processes, run_command, run_msrun, run_single
+from msrun_support import PEER_WAIT, ROOT, free_port, run_command, run_msrun
+from parity_runs import PROMPT, RUNS, STEPS, VIDEOS, run_args
 from stepvideo.utils import safetensors_io as st
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 RUN_PARALLEL = ROOT / "run_parallel.py"
 LAYERS = 6
-PROMPT = "A cat walks on the grass, realistic style."
-VIDEOS = {  # name -> (num_frames, height, width) flags; 1 frame gives 1 latent frame
-    "A": ("1", "80", "112"),  # 5 x 7 latents = 35 tokens
-    "C": ("1", "32", "80"),  # 2 x 5 latents = 10 tokens
-}
-STEPS = 2
 FIRST_STAGE_KEYS = ("pos_embed.", "adaln_single.", "caption_projection.", "clip_projection.")
 LAST_STAGE_KEYS = ("proj_out.", "scale_shift_table")
 PARITY = 1e-5  # max|parallel - single| <= PARITY * max(1, max|single|)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parallel_dit")
-    yield path
-    left = leftover_processes(str(path))
-    for pid, _ in left:
-        subprocess.run(["kill", "-9", str(pid)], check=False)
-    assert not left, f"processes left behind: {left}"
+def model_dir(tiny_checkpoint) -> Path:
+    """The tiny model folder with 6 DiT blocks, CLIP converted."""
+    return tiny_checkpoint(LAYERS)
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir) -> Path:
-    """The lead's complete tiny model folder (6 DiT blocks), CLIP converted as a user would."""
-    out = workdir / "tiny"
-    env = job_env()
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(out),
-                    "--layers", str(LAYERS)], check=True, env=env, capture_output=True, timeout=120)
-    clip = out / "hunyuan_clip" / "clip_text_encoder"
-    subprocess.run([sys.executable, str(ROOT / "convert.py"), "--pt_filename", str(clip / "pytorch_model.bin"),
-                    "--sf_filename", str(clip / "model.safetensors"), "--config_path", str(clip / "config.json")],
-                   check=True, env=env, capture_output=True, timeout=120)
-    return out
-
-
-def run_args(model_dir: Path, video: str, latents: Path, *layout: str, stats: Path = None) -> list:
-    frames, height, width = VIDEOS[video]
-    args = ["--model_dir", str(model_dir), "--local_models", "--prompt", PROMPT, "--infer_steps", str(STEPS),
-            "--num_frames", frames, "--height", height, "--width", width, "--seed", "42",
-            "--output_type", "latent", "--latents_out", str(latents), "--device", "cpu", *layout]
-    return args + (["--stats_dir", str(stats)] if stats else [])
-
-
-@pytest.fixture(scope="module")
-def single(model_dir, workdir):
-    """Single-process final latents per video (run_parallel.py without msrun)."""
-    out = {}
-    for video in VIDEOS:
-        path = workdir / f"single_{video}.safetensors"
-        job = run_single(RUN_PARALLEL, run_args(model_dir, video, path, "--ulysses_degree", "1"), workdir)
-        assert job.returncode == 0, job.console[-3000:]
-        out[video] = st.load_file(path)["latents"]
-    return out
-
-
-def run_layout(model_dir, workdir, name, video, workers, *layout, stats=None):
-    latents = workdir / f"{name}.safetensors"
-    job = run_msrun(RUN_PARALLEL, run_args(model_dir, video, latents, *layout, stats=stats), workers, workdir)
-    print(f"{name}: msrun job of {workers} workers took {job.seconds:.1f} s")
-    assert job.returncode == 0, job.console[-5000:]
-    return job, st.load_file(latents)["latents"]
+def single(parity_runs):
+    """Single-process final latents per video, compiled."""
+    return {video: parity_runs.latents(f"single_{video}") for video in VIDEOS}
 
 
 def assert_close(name, port, ref):
@@ -103,26 +58,20 @@ def assert_close(name, port, ref):
 # ---------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("name, video, workers, layout", [
-    ("sp2", "C", 2, ("--ulysses_degree", "2", "--pp_degree", "1")),
-    ("sp3", "A", 3, ("--ulysses_degree", "3", "--pp_degree", "1")),
-    ("pp3_uneven", "A", 3, ("--ulysses_degree", "1", "--pp_degree", "3", "--layer_split", "1,3,2")),
-])
-def test_layout_matches_single_process(model_dir, workdir, single, name, video, workers, layout):
-    job, latents = run_layout(model_dir, workdir, name, video, workers, *layout)
-    assert_close(name, latents, single[video])
+@pytest.mark.parametrize("name", ["sp2", "sp3", "pp3_uneven"])
+def test_layout_matches_single_process(parity_runs, single, name):
+    _, video, workers, layout = RUNS[name]
+    assert_close(name, parity_runs.latents(name), single[video])
     if "--layer_split" in layout:
-        logs = "".join(job.worker_log(r) for r in range(workers))
+        job = parity_runs.job(name)
+        logs = "".join(job.run_log(name, r) for r in range(workers))
         for rank, holds in enumerate(["input embeddings + blocks 0-0", "blocks 1-3", "blocks 4-5 + output layer"]):
             assert f"rank {rank} (stage {rank} of 3, sp rank 0 of 1) holds {holds}" in logs
 
 
-def test_eager_flag_matches_compiled(model_dir, workdir, single):
+def test_eager_flag_matches_compiled(parity_runs):
     """--eager runs the DiT op by op; the default compiles it. Both must give the same latents."""
-    path = workdir / "single_A_eager.safetensors"
-    job = run_single(RUN_PARALLEL, run_args(model_dir, "A", path, "--ulysses_degree", "1", "--eager"), workdir)
-    assert job.returncode == 0, job.console[-3000:]
-    assert_close("eager vs compiled", st.load_file(path)["latents"], single["A"])
+    assert_close("eager vs compiled", parity_runs.latents("single_A_eager"), parity_runs.latents("single_A"))
 
 
 def test_launcher_script_runs_pp2(model_dir, workdir, single):
@@ -133,7 +82,8 @@ def test_launcher_script_runs_pp2(model_dir, workdir, single):
     args = args[:args.index("--device")] + args[args.index("--device") + 2:]  # the script passes DEVICE
     args[args.index("--output_type") + 1] = "mp4"  # rank 0 decodes with the tiny VAE and writes the video
     args += ["--save_path", str(workdir / "videos")]
-    env = {"MODEL_DIR": str(model_dir), "ULYSSES": "1", "PP": "2", "DEVICE": "cpu", "LOG_DIR": str(log_dir)}
+    env = {"MODEL_DIR": str(model_dir), "ULYSSES": "1", "PP": "2", "DEVICE": "cpu", "LOG_DIR": str(log_dir),
+           **PEER_WAIT}  # stage 1 waits for stage 0 to compile its 3 blocks
     job = run_command(["bash", str(ROOT / "scripts" / "run_parallel.sh"), *args[2:]], workdir, 240, env, log_dir)
     print(f"launcher pp2: {job.seconds:.1f} s")
     assert job.returncode == 0, job.console[-5000:]
@@ -170,17 +120,14 @@ def checkpoint_bytes(model_dir: Path):
     return sizes
 
 
-def test_sp2_pp2_parity_memory_traffic_idle(model_dir, workdir, single):
+def test_sp2_pp2_parity_memory_traffic_idle(model_dir, parity_runs, single):
     from stepvideo.checkpoint import read_config
     from stepvideo.config import NEG_MAGIC, POS_MAGIC
     from stepvideo.parallel.pipeline import step_traffic
     from stepvideo.diffusion.interfaces import LocalCaption
 
-    stats_dir = workdir / "stats_sp2pp2"
-    job, latents = run_layout(model_dir, workdir, "sp2pp2", "A", 4, "--ulysses_degree", "2", "--pp_degree", "2",
-                              stats=stats_dir)
-    assert_close("sp2 x pp2", latents, single["A"])
-    stats = [json.loads((stats_dir / f"rank{r}.json").read_text()) for r in range(4)]
+    assert_close("sp2 x pp2", parity_runs.latents("sp2pp2"), single["A"])
+    stats = parity_runs.stats("sp2pp2")
     assert [(s["stage"], s["sp_rank"]) for s in stats] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
     # Weight memory: each rank's RSS growth from loading <= 1/P of the model + its own embeddings.

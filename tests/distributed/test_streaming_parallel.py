@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from msrun_support import leftover_processes, run_msrun
+from msrun_support import PEER_WAIT, leftover_processes, run_msrun
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_streaming import DIT, write  # noqa: E402
@@ -27,7 +27,7 @@ WORKER = Path(__file__).with_name("streaming_worker.py")
 
 def test_streamed_equals_resident_in_two_layouts(tmp_path):
     folder = write(tmp_path / "transformer", StepVideoModel(**DIT), DIT, "diffusion_pytorch_model", bf16=True)
-    job = run_msrun(WORKER, [str(folder)], 2, tmp_path)
+    job = run_msrun(WORKER, [str(folder)], 2, tmp_path, env=PEER_WAIT)
     print(f"2-rank streaming job: {job.seconds:.1f} s")
     assert job.returncode == 0, job.console[-5000:]
     assert not leftover_processes(str(tmp_path))

@@ -8,28 +8,26 @@ Ulysses, inside the graph after the eager all-to-all attention). From
 --stats_dir the jobs also check each rank's block weights (1/T of the checkpoint's, counted from the
 shards' own headers), the counted traffic against `step_traffic`, and which CFG rows each rank ran.
 The two-"node" job runs scripts/run_parallel.sh twice on loopback, as two machines would.
+The single-process run and the layouts are listed in parity_runs.py: those with the same number of workers
+share one launch with test_parallel_dit.py's.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from msrun_support import ROOT, free_port, job_env, leftover_processes, run_command, run_msrun, run_single
+from msrun_support import ROOT, free_port, run_command
+from parity_runs import PROMPT, RUNS, STEPS, run_args
 from stepvideo.utils import safetensors_io as st
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-RUN_PARALLEL = ROOT / "run_parallel.py"
 LAYERS = 3
-PROMPT = "A cat walks on the grass, realistic style."
-STEPS = 2
+LAYOUTS = ["tp2", "tp3", "tp2_sp3", "tp2_pp2", "cfg2", "cfg2_pp2", "cfg2_tp2"]  # in parity_runs.RUNS
 PARITY = 1e-5  # max|parallel - single| <= PARITY * max(1, max|single|)
 # Projections cut by the tensor-parallel split (stepvideo/parallel/tensor.py); every other block
 # parameter (norms, QK-norm weights, the modulation table) is whole on every rank.
@@ -38,36 +36,13 @@ SLICED = ("attn1.wqkv.weight", "attn1.wo.weight", "attn2.wq.weight", "attn2.wkv.
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tensor_cfg")
-    yield path
-    left = leftover_processes(str(path))
-    for pid, _ in left:
-        subprocess.run(["kill", "-9", str(pid)], check=False)
-    assert not left, f"processes left behind: {left}"
+def model_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint(LAYERS)
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir) -> Path:
-    out = workdir / "tiny"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(out), "--layers",
-                    str(LAYERS), "--convert"], check=True, env=job_env(), capture_output=True, timeout=180)
-    return out
-
-
-def run_args(model_dir: Path, latents: Path, *layout: str, stats: Path = None) -> list:
-    args = ["--model_dir", str(model_dir), "--local_models", "--prompt", PROMPT, "--infer_steps", str(STEPS),
-            "--num_frames", "1", "--height", "80", "--width", "112", "--seed", "42", "--output_type", "latent",
-            "--latents_out", str(latents), "--device", "cpu", *layout]
-    return args + (["--stats_dir", str(stats)] if stats else [])
-
-
-@pytest.fixture(scope="module")
-def single(model_dir, workdir):
-    path = workdir / "single.safetensors"
-    job = run_single(RUN_PARALLEL, run_args(model_dir, path, "--ulysses_degree", "1", "--eager"), workdir)
-    assert job.returncode == 0, job.console[-3000:]
-    return st.load_file(path)["latents"]
+def single(parity_runs):
+    return parity_runs.latents("single_3_blocks")
 
 
 def relative_error(port, ref) -> float:
@@ -98,29 +73,15 @@ def expected_traffic(model_dir, stats, **degrees):
     return step_traffic(cfg, (1, 1, cfg["in_channels"], 5, 7), text_tokens, itemsize=4, **degrees)
 
 
-LAYOUTS = {  # name -> (workers, flags); "eager" unless said
-    "tp2": (2, ["--ulysses_degree", "1", "--tensor_parallel_degree", "2"]),  # compiled
-    "tp3": (3, ["--ulysses_degree", "1", "--tensor_parallel_degree", "3", "--eager"]),
-    "tp2_sp3": (6, ["--ulysses_degree", "3", "--tensor_parallel_degree", "2"]),  # compiled, Ulysses between
-    "tp2_pp2": (4, ["--ulysses_degree", "1", "--tensor_parallel_degree", "2", "--pp_degree", "2", "--eager"]),
-    "cfg2": (2, ["--ulysses_degree", "1", "--cfg_parallel_degree", "2", "--eager"]),
-    "cfg2_pp2": (4, ["--ulysses_degree", "1", "--cfg_parallel_degree", "2", "--pp_degree", "2", "--eager"]),
-    "cfg2_tp2": (4, ["--ulysses_degree", "1", "--cfg_parallel_degree", "2", "--tensor_parallel_degree", "2",
-                     "--eager"]),
-}
-
-
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(model_dir, workdir, single, name):
-    workers, flags = LAYOUTS[name]
-    latents, stats_dir = workdir / f"{name}.safetensors", workdir / f"stats_{name}"
-    job = run_msrun(RUN_PARALLEL, run_args(model_dir, latents, *flags, stats=stats_dir), workers, workdir)
-    assert job.returncode == 0, job.console[-5000:]
-    err = relative_error(st.load_file(latents)["latents"], single)
-    print(f"parity {name} ({workers} workers, msrun {job.seconds:.1f} s): {err:.2e}")
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_matches_single_process(model_dir, parity_runs, single, name):
+    blocks, _, workers, flags = RUNS[name]
+    assert blocks == LAYERS
+    err = relative_error(parity_runs.latents(name), single)
+    print(f"parity {name} ({workers} workers): {err:.2e}")
     assert err <= PARITY, f"{name}: relative error {err:.2e} > {PARITY:.0e}"
 
-    stats = [json.loads((stats_dir / f"rank{r}.json").read_text()) for r in range(workers)]
+    stats = parity_runs.stats(name)
     mesh = stats[0]
     degrees = dict(ulysses_degree=mesh["ulysses_degree"], pp_degree=mesh["pp_degree"],
                    tp_degree=mesh["tp_degree"], cfg_degree=mesh["cfg_degree"])
@@ -160,7 +121,7 @@ def test_two_nodes_sp2_pp2_through_the_launcher(model_dir, workdir, single):
     machine would see node 0's address.
     """
     latents = workdir / "two_nodes.safetensors"
-    args = run_args(model_dir, latents, "--eager")
+    args = run_args(model_dir, "A", latents, "--eager")
     args = args[:args.index("--device")] + args[args.index("--device") + 2:]  # the script passes DEVICE
     shim = workdir / "other_machine"
     shim.mkdir(exist_ok=True)

@@ -4,34 +4,21 @@ Real everything, as the text-to-video demo: the checkpoint writer (--ti2v), conv
 VAE services on loopback (the VAE encodes the first image over HTTP), msrun with 4 workers (Ulysses 2 x
 pipeline 2, rank 0 broadcasting the image latent), ffmpeg; the mp4 is read back.
 """
-import os
 import re
-import subprocess
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from stepvideo.utils.video_process import read_mp4
-from support import ROOT
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_demo_with_an_image_produces_a_readable_mp4(tmp_path):
+def test_demo_with_an_image_produces_a_readable_mp4(tmp_path, run_demo):
     image = tmp_path / "first frame.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8)).save(image)
-    env = dict(os.environ, MODEL_DIR=str(tmp_path / "tiny-ti2v"), SAVE_PATH=str(tmp_path / "results"),
-               LOG_DIR=str(tmp_path / "logs"))
-    started = time.perf_counter()
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--image", str(image), "A cat smiles"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    elapsed = time.perf_counter() - started
-    print(proc.stdout[-4000:])
-    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    phases = re.findall(r"\.\.\. (.+) took (\d+)s", proc.stdout)
-    print(f"TI2V demo wall time {elapsed:.0f}s; phases: {phases}")
+    run_demo("tiny-ti2v", "--image", str(image), "A cat smiles")
 
     config = (tmp_path / "tiny-ti2v" / "transformer" / "config.json").read_text()
     assert '"use_additional_conditions": true' in config

@@ -65,7 +65,7 @@ def wait_ready(port: int, timeout: float = 180) -> dict:
                 return r.json()
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)  # a user reads the URL as soon as it is printed; so does the test
     pytest.fail(f"no service ready on port {port} after {timeout} s")
 
 
@@ -74,7 +74,7 @@ def wait_gone(marker: str, timeout: float) -> bool:
     while time.monotonic() < deadline:
         if not [p for p in leftover_processes(marker) if "run_parallel.py" in p[1] or "msrun" in p[1]]:
             return True
-        time.sleep(1)
+        time.sleep(0.2)
     return False
 
 

@@ -4,12 +4,17 @@ A TI2V checkpoint needs --first_image and takes TI2V's own defaults (102 frames,
 for the flags the user did not set; a T2V checkpoint refuses an image or a motion score.
 """
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 from stepvideo.config import (NEG_MAGIC, POS_MAGIC, TI2V_NEG_MAGIC, TI2V_NUM_FRAMES, TI2V_POS_MAGIC,
                               apply_model_kind, parse_args)
 from stepvideo.job import StartupError, check_startup
+from support import ROOT
 
 CONFIG = {"num_attention_heads": 6, "num_layers": 2, "in_channels": 64, "attention_head_dim": 128}
 
@@ -71,3 +76,21 @@ def test_kind_mismatches_are_clear_start_up_errors(tmp_path, image):
         check_startup(parse_args(["--model_dir", ti2v, *base, "--first_image", str(tmp_path / "missing.png")]))
     # A config without the field (older diffusers files) is text-to-video.
     assert apply_model_kind(parse_args(["--prompt", "x"]), dict(CONFIG)) is False
+
+
+def test_run_parallel_stops_on_a_kind_mismatch_before_loading_anything(tmp_path, image):
+    """run_parallel.py as a user starts it, an image for a T2V checkpoint: exit 2 with the one-line error. The
+    model folder holds only transformer/config.json (no weights) and no service runs, so getting further would
+    fail with another error. (No image for a TI2V checkpoint is the same check_startup call, tested above.)"""
+    env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT), STEPVIDEO_DEVICE="cpu")
+    env.pop("MS_ROLE", None)
+    model = folder(tmp_path, ti2v=False)
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, str(ROOT / "run_parallel.py"), "--model_dir", model, "--prompt", "x",
+                        "--ulysses_degree", "1", "--first_image", image, "--save_path", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    print(f"image for a T2V checkpoint: exit {r.returncode} after {time.monotonic() - started:.1f} s")
+    assert r.returncode == 2, r.stderr
+    assert (f"[main] error: --model_dir {model}: --first_image {image}: this is a text-to-video checkpoint"
+            in r.stderr), r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
