@@ -13,7 +13,7 @@ from support import golden
 def golden_pipeline_dir(component: str, root: Path) -> Path:
     """`root` made a model folder (model_index.json, transformer/, scheduler/) for golden `component`'s
     1-layer DiT: its configs copied, its weights linked. Returns `root`."""
-    (root / "transformer").mkdir()
+    (root / "transformer").mkdir(parents=True)
     (root / "scheduler").mkdir()
     shutil.copy(golden(component) / "config.json", root / "transformer" / "config.json")
     (root / "transformer" / "diffusion_pytorch_model.safetensors").symlink_to(golden(component) / "weights.safetensors")

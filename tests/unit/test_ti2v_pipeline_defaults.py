@@ -8,15 +8,14 @@ both: height 544, width 992, 50 steps, guidance 9.0, time_shift 13.0, empty magi
 (1-layer DiTs) run one step at a small size; the text embeddings and the image latent are the
 fixtures' stored ones, as in tests/golden/test_*pipeline.py.
 """
-import json
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from pipeline_fixtures import golden_pipeline_dir
 from stepvideo.diffusion.video_pipeline import StepVideoPipeline
-from support import golden, load
+from support import load
 
 
 @dataclass
@@ -48,18 +47,6 @@ class StoredImageLatent:
         return self.inputs["c1.image_latent"]
 
 
-def model_dir(root, fixture):
-    (root / "transformer").mkdir(parents=True)
-    (root / "scheduler").mkdir()
-    shutil.copy(golden(fixture) / "config.json", root / "transformer" / "config.json")
-    (root / "transformer" / "diffusion_pytorch_model.safetensors").symlink_to(golden(fixture) / "weights.safetensors")
-    shutil.copy(golden(fixture) / "scheduler_config.json", root / "scheduler" / "scheduler_config.json")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StepVideoPipeline", "scheduler": ["stepvideo", "FlowMatchDiscreteScheduler"],
-        "transformer": ["stepvideo", "StepVideoModel"]}))
-    return root
-
-
 def first_step(pipe, **kwargs):
     """The model input of step 0 and the final latents of a one-step run at 32 x 80 (frames left to the default)."""
     steps = []
@@ -71,7 +58,7 @@ def first_step(pipe, **kwargs):
 @pytest.fixture(scope="module")
 def ti2v(tmp_path_factory):
     inputs = load("ti2v_pipeline", "inputs")
-    root = model_dir(tmp_path_factory.mktemp("ti2v"), "ti2v_pipeline")
+    root = golden_pipeline_dir("ti2v_pipeline", tmp_path_factory.mktemp("ti2v"))
     return StepVideoPipeline.from_pretrained(root, text_encoding=StoredCaptions(inputs),
                                              image_encoding=StoredImageLatent(inputs)), inputs["c1.first_image"]
 
@@ -87,7 +74,7 @@ def test_image_to_video_defaults_to_102_frames_and_motion_score_2(ti2v, in_tmp):
 
 
 def test_text_to_video_keeps_204_frames(tmp_path, in_tmp):
-    root = model_dir(tmp_path / "t2v", "pipeline")
+    root = golden_pipeline_dir("pipeline", tmp_path / "t2v")
     pipe = StepVideoPipeline.from_pretrained(root, text_encoding=StoredCaptions(load("pipeline", "inputs")))
     shape, _ = first_step(pipe)
     assert shape == (2, 36, 8, 2, 5)  # 204 frames = 36 latent frames
