@@ -5,6 +5,16 @@ import pytest
 os.environ.setdefault("GLOG_v", "3")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under xdist (`scripts/test.sh` runs `-n 2 --dist loadgroup`) the multi-process tests form one group, so
+    they run one after another on one worker: two msrun jobs at once would overload this 2-core machine. The
+    other tests share the remaining worker time."""
+    for item in items:
+        if item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _backend():
     """Every test process runs on the backend the environment selects (CPU here)."""
