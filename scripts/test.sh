@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 stepvideo_venv requirements.txt requirements-test.txt
-# Two pytest workers: the multi-process tests run in turn on one of them (tests/conftest.py), the rest
-# spread over both. pytest exits 5 when it collected nothing: that is a failure here too.
-exec python -m pytest -n 2 --dist loadgroup "$@"
+# Two pytest workers: the multi-process tests run in turn on one of them (tests/conftest.py), the other
+# test modules spread over both. pytest exits 5 when it collected nothing: that is a failure here too.
+exec python -m pytest -n 2 "$@"

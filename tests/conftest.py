@@ -5,14 +5,30 @@ import pytest
 os.environ.setdefault("GLOG_v", "3")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+# The folders of the tests that start msrun jobs or several services (marked `distributed`).
+PROCESS_FOLDERS = ("tests/distributed/", "tests/e2e/")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under xdist (`scripts/test.sh` runs `-n 2 --dist loadgroup`) the multi-process tests form one group, so
-    they run one after another on one worker: two msrun jobs at once would overload this 2-core machine. The
-    other tests share the remaining worker time."""
+    """The scheduler below groups by folder, so a `distributed` test elsewhere would run beside another msrun job."""
     for item in items:
-        if item.get_closest_marker("distributed"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
+        if item.get_closest_marker("distributed") and not item.nodeid.startswith(PROCESS_FOLDERS):
+            raise pytest.UsageError(f"{item.nodeid} is marked distributed: it belongs in one of {PROCESS_FOLDERS}")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`scripts/test.sh` runs two pytest workers (pytest-xdist). The multi-process tests form one work unit, so
+    they run one after another on one worker (two msrun jobs at once overload this 2-core machine and hit the
+    collectives' timeouts); every other test module is a unit of its own, so its module fixtures are built once.
+    (xdist's own `--dist loadgroup` does not group under pytest 9.2: it renames `item._nodeid`, which pytest no
+    longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ProcessTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "multi-process tests" if nodeid.startswith(PROCESS_FOLDERS) else nodeid.split("::", 1)[0]
+
+    return ProcessTestsTogether(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
