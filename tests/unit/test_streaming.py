@@ -80,17 +80,23 @@ def header_bytes(folder: Path, keep) -> int:
     return total
 
 
-@pytest.mark.parametrize("dtype, jit", [("bf16", False), ("fp32", False), ("bf16", True)],
-                         ids=["bf16-eager", "fp32-eager", "bf16-compiled"])
-def test_streamed_dit_equals_resident_bitwise(dit_folders, dtype, jit, in_tmp):
-    dit_folder = dit_folders[dtype]
+def resident_and_streamed(dit_folder, jit):
+    """(inputs, the resident model's output, a model streaming blocks 0-2 from `dit_folder`, its load report,
+    its streamer), both models eager or both compiled."""
     inputs = dit_inputs()
     expected = StepVideoModel.from_pretrained(dit_folder).set_jit(jit)(**inputs).asnumpy()
-
     model = StepVideoModel.from_config_dict(DIT)
     report, streamer = dit_streaming(model, dit_folder, range(3))
     model.set_train(False)
     model.set_jit(jit)
+    return inputs, expected, model, report, streamer
+
+
+@pytest.mark.parametrize("dtype, jit", [("bf16", False), ("fp32", False), ("bf16", True)],
+                         ids=["bf16-eager", "fp32-eager", "bf16-compiled"])
+def test_streamed_dit_equals_resident_bitwise(dit_folders, dtype, jit, in_tmp):
+    dit_folder = dit_folders[dtype]
+    inputs, expected, model, report, streamer = resident_and_streamed(dit_folder, jit)
     try:
         for call in range(2):
             out = model(**inputs).asnumpy()
@@ -168,13 +174,7 @@ def test_device_slots_through_a_stream_standin_equal_resident_bitwise(dit_folder
     fp32 files: the device path copies the stored bytes as they are, and CPU parameters are fp32."""
     dit_folder = dit_folders["fp32"]
     copy, log = standin_streams
-    inputs = dit_inputs()
-    expected = StepVideoModel.from_pretrained(dit_folder).set_jit(jit)(**inputs).asnumpy()
-
-    model = StepVideoModel.from_config_dict(DIT)
-    _, streamer = dit_streaming(model, dit_folder, range(3))
-    model.set_train(False)
-    model.set_jit(jit)
+    inputs, expected, model, _, streamer = resident_and_streamed(dit_folder, jit)
     assert isinstance(streamer.slots, DeviceSlots)
     released = []
     release = streamer.mapped.release
