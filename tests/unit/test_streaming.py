@@ -145,7 +145,7 @@ class StandinStream:
 
 @pytest.fixture
 def standin_streams(monkeypatch):
-    """(copy stream, log): `backend.weight_copy_stream()` gives the copy stream; `ms.runtime.StreamCtx` and
+    """The log of stream calls: `backend.weight_copy_stream()` gives a copy stream; `ms.runtime.StreamCtx` and
     `ms.runtime.current_stream()` switch between it and a compute stream."""
     log: list = []
     compute, copy = StandinStream("compute", log), StandinStream("copy", log)
@@ -164,7 +164,7 @@ def standin_streams(monkeypatch):
     monkeypatch.setattr(ms.runtime, "StreamCtx", stream_ctx)
     monkeypatch.setattr(ms.runtime, "current_stream", lambda: current[-1])
     monkeypatch.setattr(backend, "weight_copy_stream", lambda: copy)
-    return copy, log
+    return log
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "compiled"])
@@ -173,7 +173,7 @@ def test_device_slots_through_a_stream_standin_equal_resident_bitwise(dit_folder
 
     fp32 files: the device path copies the stored bytes as they are, and CPU parameters are fp32."""
     dit_folder = dit_folders["fp32"]
-    copy, log = standin_streams
+    log = standin_streams
     inputs, expected, model, _, streamer = resident_and_streamed(dit_folder, jit)
     assert isinstance(streamer.slots, DeviceSlots)
     released = []
